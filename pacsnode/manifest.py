@@ -1,0 +1,134 @@
+"""Model manifests: what a model accepts, what it reports, and which weights it trusts.
+
+Every model folder under ``models/`` holds ``manifest.toml``, the weights and a
+model card. The router reads ``accepts``; the writers read ``labels``; the loader
+refuses weights whose sha256 differs from the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydicom.sr.coding import Code
+
+from pacsnode.errors import ManifestError, WeightsMismatchError
+
+MANIFEST_FILE = "manifest.toml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CodeSpec(_Strict):
+    """A coded concept, e.g. SNOMED CT ``SCT 60046008 Pleural effusion``."""
+
+    scheme: str
+    value: str
+    meaning: str
+
+    def to_code(self) -> Code:
+        return Code(value=self.value, scheme_designator=self.scheme, meaning=self.meaning)
+
+
+class LabelSpec(_Strict):
+    """One model output; only ``reported`` labels appear in results sent to the PACS."""
+
+    name: str
+    reported: bool = False
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    code: CodeSpec | None = None
+
+    @model_validator(mode="after")
+    def _reported_needs_code(self) -> LabelSpec:
+        if self.reported and self.code is None:
+            raise ValueError(f"label {self.name!r} is reported but has no code")
+        return self
+
+
+class Accepts(_Strict):
+    """What the router may send to this model."""
+
+    modalities: list[str]
+    sop_classes: list[str] = []
+    view_positions: list[str] = []  # empty: any; "" in the list admits a missing ViewPosition
+
+
+class InputSpec(_Strict):
+    size: int = 224
+    channels: int = 3
+    mean: list[float] = [0.485, 0.456, 0.406]
+    std: list[float] = [0.229, 0.224, 0.225]
+
+
+class WeightsSpec(_Strict):
+    file: str = "weights.safetensors"
+    sha256: str
+
+
+class Manifest(_Strict):
+    """The parsed ``manifest.toml`` of one model folder."""
+
+    name: str
+    version: str
+    kind: str  # selects the implementation, e.g. "cxr-densenet121"
+    description: str = ""
+    synthetic: bool = Field(
+        description="weights trained on synthetic phantoms: outputs are not for clinical use"
+    )
+    batch_size: int = Field(8, ge=1)
+    accepts: Accepts
+    input: InputSpec = InputSpec()
+    weights: WeightsSpec
+    labels: list[LabelSpec]
+
+    @property
+    def label_names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+    @property
+    def reported_labels(self) -> list[LabelSpec]:
+        return [label for label in self.labels if label.reported]
+
+
+def load_manifest(model_dir: Path) -> Manifest:
+    """Parse and validate ``model_dir/manifest.toml``."""
+    path = model_dir / MANIFEST_FILE
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{path}: no manifest") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ManifestError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ManifestError(f"{path}: {problems}") from exc
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verified_weights_path(model_dir: Path, manifest: Manifest) -> Path:
+    """Return the weights path after checking its sha256 against the manifest."""
+    path = model_dir / manifest.weights.file
+    if not path.is_file():
+        raise ManifestError(f"model {manifest.name}: weights file {path} is missing")
+    actual = sha256_file(path)
+    if actual != manifest.weights.sha256:
+        raise WeightsMismatchError(
+            f"model {manifest.name}: {path} has sha256 {actual}, manifest expects "
+            f"{manifest.weights.sha256}; refusing to load (re-import the weights or fix the manifest)"
+        )
+    return path
