@@ -132,3 +132,16 @@ def verified_weights_path(model_dir: Path, manifest: Manifest) -> Path:
             f"{manifest.weights.sha256}; refusing to load (re-import the weights or fix the manifest)"
         )
     return path
+
+
+def load_enabled(models_dir: Path, names: list[str]) -> list[Manifest]:
+    """Manifests of the enabled models, in config order; a missing folder is an error."""
+    manifests = []
+    for name in names:
+        manifest = load_manifest(models_dir / name)
+        if manifest.name != name:
+            raise ManifestError(
+                f"{models_dir / name}: manifest name {manifest.name!r} differs from its folder"
+            )
+        manifests.append(manifest)
+    return manifests
