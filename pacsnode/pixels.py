@@ -49,7 +49,8 @@ def _check_geometry(ds: Dataset) -> tuple[int, int, int, int]:
         raise InputError(f"instance {uid}: SamplesPerPixel {samples} not supported")
     if bits_allocated not in (8, 16, 32):
         raise InputError(f"instance {uid}: BitsAllocated {bits_allocated} not supported")
-    tsyntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in ds else None
+    meta = getattr(ds, "file_meta", None)
+    tsyntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if tsyntax is None or not tsyntax.is_compressed:
         expected = rows * cols * samples * bits_allocated // 8
         actual = len(ds.PixelData)

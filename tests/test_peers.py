@@ -7,12 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from conftest import OrthancFactory
 from peers import (
     LOOPBACK,
     Orthanc,
+    OrthancError,
     dciodvfy,
     echoscu,
+    free_port,
     parse_store_statuses,
     storescu,
 )
@@ -78,7 +81,7 @@ def test_orthanc_starts_and_answers_echoscu(orthanc: Orthanc) -> None:
 
 
 def test_echoscu_reports_failure_when_nobody_listens(orthanc: Orthanc) -> None:
-    orthanc.stop()
+    orthanc.stop(graceful=False)
     proc = echoscu(LOOPBACK, orthanc.dicom_port, called_aet=orthanc.aet, timeout=5)
     assert proc.returncode != 0
 
@@ -177,14 +180,30 @@ def test_send_to_modality_between_two_orthancs(
     assert destination.echo_modality("source")
 
 
-def test_restart_keeps_storage_and_ports(orthanc: Orthanc, tmp_path: Path) -> None:
+def test_send_to_modality_that_is_down(orthanc: Orthanc, tmp_path: Path) -> None:
+    path = tmp_path / "sc.dcm"
+    write_secondary_capture(path)
+    instance_id = orthanc.upload(path)["ID"]
+    orthanc.add_modality("down", "DOWN", LOOPBACK, free_port())
+
+    with pytest.raises(OrthancError) as caught:
+        orthanc.send_to_modality("down", [instance_id])
+    assert caught.value.status == 500
+    job = orthanc.send_to_modality("down", [instance_id], synchronous=False)
+    assert orthanc.wait_for_job(job["ID"], TIMEOUT)["State"] == "Failure"
+    assert not orthanc.echo_modality("down")
+
+
+@pytest.mark.parametrize("graceful", [True, False], ids=["sigterm", "sigkill"])
+def test_restart_keeps_storage_and_ports(orthanc: Orthanc, tmp_path: Path, graceful: bool) -> None:
     path = tmp_path / "sc.dcm"
     write_secondary_capture(path)
     instance_id = orthanc.upload(path)["ID"]
     ports = (orthanc.dicom_port, orthanc.http_port)
 
-    orthanc.stop()
+    orthanc.stop(graceful=graceful)
     assert not orthanc.running
+    assert echoscu(LOOPBACK, ports[0], called_aet=orthanc.aet, timeout=5).returncode != 0
     orthanc.restart()
 
     assert (orthanc.dicom_port, orthanc.http_port) == ports

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import cast
 
 import highdicom as hd
 from highdicom.enum import SpecificCharacterSetValues
@@ -239,7 +240,7 @@ def read_findings(sr: Dataset, manifest: Manifest | None = None) -> dict[str, di
     for uid, group in _groups_by_source(sr):
         values = out.setdefault(uid, {})
         for evaluation in group.get_qualitative_evaluations():
-            value = evaluation.value
+            value = cast(hd.sr.CodedConcept, evaluation.value)  # highdicom types it as a number
             if _same_code(value, codes.SCT.Present) or _same_code(value, codes.SCT.Absent):
                 key = names.get(_code_key(evaluation.name), evaluation.name.meaning)
                 values[key] = _same_code(value, codes.SCT.Present)
@@ -261,11 +262,10 @@ def _match_results(
     if unmatched:
         raise ValueError(f"results: no source image for instance(s) {', '.join(unmatched)}")
     for uid in source_uids:
-        result = by_instance.get(uid)
-        if result is None:
+        if uid not in by_instance:
             raise ValueError(f"results: no result for source instance {uid}")
         for label in manifest.reported_labels:
-            p = result.probabilities.get(label.name)
+            p = by_instance[uid].probabilities.get(label.name)
             if p is None or not math.isfinite(p) or not 0.0 <= p <= 1.0:
                 raise ValueError(
                     f"instance {uid}: model {manifest.name} gave probability {p!r} for "
@@ -389,7 +389,10 @@ def _as_highdicom(
             f"SR {sr.get('SOPInstanceUID', '?')}: SOP class {sop_class} is not an "
             "Enhanced, Comprehensive or Comprehensive 3D SR"
         )
-    return reader.from_dataset(sr)
+    return cast(
+        hd.sr.EnhancedSR | hd.sr.ComprehensiveSR | hd.sr.Comprehensive3DSR,
+        reader.from_dataset(sr),
+    )
 
 
 def _names_by_code(manifest: Manifest | None) -> dict[tuple[str, str], str]:

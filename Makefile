@@ -1,0 +1,64 @@
+# pacsnode: `make run` starts the node, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CONFIG ?= config/pacsnode.toml
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages the tests talk to: dcmtk (storescu/echoscu/dsr2html), Orthanc, dicom3tools (dciodvfy)
+SYSTEM_TOOLS := storescu:dcmtk echoscu:dcmtk dsr2html:dcmtk dcmj2pnm:dcmtk Orthanc:orthanc dciodvfy:dicom3tools
+
+.PHONY: run test install install-test system-deps lint typecheck weights clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch first, from its CPU wheel, so nothing pulls the CUDA builds
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+system-deps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  pkgs=$$(echo $$missing | tr ' ' '\n' | sort -u | tr '\n' ' '); \
+	  echo "installing Debian packages: $$pkgs"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$pkgs; \
+	fi
+
+run: install
+	$(BIN)/pacsnode --config $(CONFIG) db upgrade
+	exec $(BIN)/pacsnode --config $(CONFIG) serve
+
+lint: install-test
+	$(BIN)/ruff check pacsnode tests migrations benchmarks
+	$(BIN)/ruff format --check pacsnode tests migrations benchmarks
+
+typecheck: install-test
+	$(BIN)/mypy pacsnode
+
+test: install-test system-deps lint typecheck
+	$(BIN)/pytest -q
+
+# Retrain the demo chest X-ray weights on synthetic phantoms (see models/cxr-chexnet/MODEL_CARD.md)
+weights: install
+	$(BIN)/python -m pacsnode.models.train_cxr --out models/cxr-chexnet
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from pacsnode.cli import main
+
+main()

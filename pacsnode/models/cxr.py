@@ -1,0 +1,216 @@
+"""CheXNet-style chest X-ray classifier: MONAI DenseNet-121, 14 sigmoid outputs.
+
+:func:`preprocess` is the one path from a dataset to the network input; the
+training script calls it too, so training and serving cannot drift apart.
+:func:`import_chexnet` converts a checkpoint in the public CheXNet layout into
+this model folder's safetensors weights.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import DenseNet121
+from pydicom.dataset import Dataset
+from safetensors.torch import load_file, save_file
+
+from pacsnode.errors import InputError, ManifestError
+from pacsnode.manifest import (
+    MANIFEST_FILE,
+    InputSpec,
+    Manifest,
+    load_manifest,
+    sha256_file,
+    verified_weights_path,
+)
+from pacsnode.models.base import ImageClassifier, ImageResult
+from pacsnode.pixels import to_display_array
+
+NUM_LABELS = 14
+
+
+def build_network(out_channels: int = NUM_LABELS) -> torch.nn.Module:
+    """The architecture the weights belong to (logits out; sigmoid applied by the caller)."""
+    return DenseNet121(spatial_dims=2, in_channels=3, out_channels=out_channels)
+
+
+def image_to_tensor(image: np.ndarray, input_spec: InputSpec) -> torch.Tensor:
+    """Display image (2D, [0, 1]) to a normalised ``channels×size×size`` tensor.
+
+    Whole-image resize (antialiased bilinear, area-like when shrinking), channel
+    replication, mean/std normalisation.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    size = input_spec.size
+    if t.shape[-2:] != (size, size):
+        t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    t = t[0].clamp_(0.0, 1.0).expand(input_spec.channels, size, size)
+    mean = torch.tensor(input_spec.mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(input_spec.std, dtype=torch.float32)[:, None, None]
+    return (t - mean) / std
+
+
+def preprocess(ds: Dataset, input_spec: InputSpec) -> torch.Tensor:
+    """Dataset to network input; raises :class:`InputError` naming the instance."""
+    return image_to_tensor(to_display_array(ds), input_spec)
+
+
+class ChexNetClassifier(ImageClassifier):
+    """DenseNet-121 over single chest radiographs, batched, in inference mode."""
+
+    def __init__(self, manifest: Manifest, network: torch.nn.Module, device: torch.device):
+        self.manifest = manifest
+        self.network = network
+        self.device = device
+
+    @classmethod
+    def load(cls, model_dir: Path, device: torch.device) -> ChexNetClassifier:
+        manifest = load_manifest(model_dir)
+        if len(manifest.labels) != NUM_LABELS:
+            raise ManifestError(
+                f"model {manifest.name}: {len(manifest.labels)} labels, DenseNet-121 head has "
+                f"{NUM_LABELS}"
+            )
+        path = verified_weights_path(model_dir, manifest)
+        network = build_network()
+        state = load_file(str(path))
+        try:
+            network.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ManifestError(f"model {manifest.name}: {path} does not fit: {exc}") from exc
+        network.to(device).eval()
+        return cls(manifest, network, device)
+
+    def predict(self, datasets: Sequence[Dataset]) -> list[ImageResult]:
+        if not datasets:
+            return []
+        inputs = torch.stack([preprocess(ds, self.manifest.input) for ds in datasets])
+        probs = self.predict_tensors(inputs)
+        names = self.manifest.label_names
+        return [
+            ImageResult(
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                probabilities={name: float(p) for name, p in zip(names, row, strict=True)},
+            )
+            for ds, row in zip(datasets, probs.tolist(), strict=True)
+        ]
+
+    def predict_tensors(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Sigmoid probabilities for preprocessed inputs, in chunks of ``batch_size``."""
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, inputs.shape[0], self.manifest.batch_size):
+                chunk = inputs[start : start + self.manifest.batch_size].to(self.device)
+                outputs.append(torch.sigmoid(self.network(chunk)).float().cpu())
+        return torch.cat(outputs)
+
+
+# ---------------------------------------------------------------- CheXNet import
+
+_PREFIX = "module.densenet121."
+_OLD_LAYER = re.compile(r"\.(norm|relu|conv)\.([12])\.")
+
+
+def chexnet_key_to_monai(key: str) -> str:
+    """Map one public-CheXNet key to its MONAI DenseNet121 name.
+
+    ``module.densenet121.features.denseblockB.denselayerN.norm.1.weight`` becomes
+    ``features.denseblockB.denselayerN.layers.norm1.weight`` (MONAI wraps each dense
+    layer's modules in ``layers``); ``classifier.0`` becomes ``class_layers.out``.
+    Stem and transition names are the same in both.
+    """
+    if not key.startswith(_PREFIX):
+        raise ManifestError(f"checkpoint key {key!r} lacks the {_PREFIX!r} prefix")
+    name = key[len(_PREFIX) :]
+    if name.startswith("classifier.0."):
+        return "class_layers.out." + name[len("classifier.0.") :]
+    if name.startswith("classifier."):
+        # a plain Linear head (torchvision layout without the Sigmoid wrapper)
+        return "class_layers.out." + name[len("classifier.") :]
+    if ".denselayer" in name:
+        name = _OLD_LAYER.sub(r".\1\2.", name)
+        name = re.sub(r"(denselayer\d+)\.(norm|relu|conv)(\d)", r"\1.layers.\2\3", name)
+    return name
+
+
+def import_chexnet(checkpoint: Path, model_dir: Path) -> Path:
+    """Convert a public CheXNet checkpoint into ``model_dir/weights.safetensors``.
+
+    Rewrites only ``[weights] sha256`` in the manifest. Old checkpoints (PyTorch
+    0.3) lack ``num_batches_tracked``; those counters are filled with zeros since
+    inference does not use them. Any other missing or unexpected key, or a shape
+    mismatch, raises :class:`ManifestError`.
+    """
+    manifest = load_manifest(model_dir)
+    try:
+        raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ManifestError(f"{checkpoint}: cannot read checkpoint: {exc}") from exc
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict):
+        raise ManifestError(f"{checkpoint}: no state_dict in checkpoint")
+
+    target = build_network().state_dict()
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = chexnet_key_to_monai(key)
+        if name not in target:
+            raise ManifestError(f"{checkpoint}: unexpected key {key!r} (maps to {name!r})")
+        if tuple(value.shape) != tuple(target[name].shape):
+            raise ManifestError(
+                f"{checkpoint}: {key!r} has shape {tuple(value.shape)}, "
+                f"{name!r} needs {tuple(target[name].shape)}"
+            )
+        converted[name] = value.detach().to(target[name].dtype).contiguous()
+    missing = [k for k in target if k not in converted]
+    for name in [k for k in missing if k.endswith("num_batches_tracked")]:
+        converted[name] = torch.zeros_like(target[name])
+    missing = [k for k in target if k not in converted]
+    if missing:
+        raise ManifestError(
+            f"{checkpoint}: {len(missing)} weights missing, e.g. {missing[:3]}; "
+            "not a DenseNet-121 CheXNet checkpoint"
+        )
+
+    weights_path = model_dir / manifest.weights.file
+    tmp = weights_path.with_suffix(".tmp")
+    save_file(converted, str(tmp))
+    tmp.replace(weights_path)
+    _rewrite_sha256(model_dir / MANIFEST_FILE, sha256_file(weights_path))
+    load_manifest(model_dir)  # still valid
+    print(
+        f"imported {checkpoint} into {weights_path}; manifest sha256 updated. "
+        f"Reminder: update {model_dir / 'MODEL_CARD.md'} and the manifest's `synthetic` flag, "
+        "label thresholds and `reported` flags for these weights."
+    )
+    return weights_path
+
+
+def _rewrite_sha256(manifest_path: Path, sha256: str) -> None:
+    """Replace the sha256 line in the ``[weights]`` table, leaving the rest as written."""
+    text = manifest_path.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    table = None
+    done = False
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            table = stripped
+        elif table == "[weights]" and re.match(r"sha256\s*=", stripped):
+            lines[i] = f'sha256 = "{sha256}"\n'
+            done = True
+            break
+    if not done:
+        raise ManifestError(f"{manifest_path}: no sha256 in a [weights] table")
+    new_text = "".join(lines)
+    tomllib.loads(new_text)
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(new_text, encoding="utf-8")
+    tmp.replace(manifest_path)

@@ -1,0 +1,240 @@
+"""The inference worker: claim jobs, run the warm model in batches, write results, queue deliveries.
+
+Lifecycle: ``initialize()`` loads every enabled model once (they stay warm),
+``loop(now)`` does one round of work and returns how many jobs it finished,
+``shutdown()`` releases the models. Results are committed only if this worker
+still holds the job's attempt (fencing), so a job taken over after a lapsed
+lease never records two outcomes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from io import BytesIO
+from pathlib import Path
+
+import torch
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacsnode import eventlog, queue
+from pacsnode.config import Config
+from pacsnode.db import utcnow
+from pacsnode.errors import InputError
+from pacsnode.models import load_model
+from pacsnode.models.base import ImageClassifier, ImageResult, default_device
+from pacsnode.spool import write_durably
+from pacsnode.tables import Delivery, DeliveryState, Instance, Job, Output, Series, Study
+from pacsnode.writers.sr import build_measurement_report, result_uids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """What a worker needs to run one claimed job outside the claiming transaction."""
+
+    job_id: int
+    attempts: int
+    study_uid: str
+    series_uid: str
+    paths: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    kind: str
+    path: Path
+
+
+def resolve_device(name: str) -> torch.device:
+    return default_device() if name == "auto" else torch.device(name)
+
+
+class Worker:
+    def __init__(
+        self,
+        config: Config,
+        sessions: sessionmaker[Session],
+        worker_id: str | None = None,
+    ) -> None:
+        self.config = config
+        self.sessions = sessions
+        self.worker_id = worker_id or queue.worker_identity()
+        self.models: dict[str, ImageClassifier] = {}
+
+    def initialize(self) -> None:
+        device = resolve_device(self.config.models.device)
+        for name in self.config.models.enabled:
+            self.models[name] = load_model(self.config.models.dir / name, device)
+            m = self.models[name].manifest
+            log.info("model %s %s loaded on %s", m.name, m.version, device)
+        with self.sessions.begin() as session:
+            queue.release_orphans(session, utcnow())
+
+    def shutdown(self) -> None:
+        self.models.clear()
+
+    def loop(self, now: datetime | None = None) -> int:
+        """Run at most one batch per model; returns the number of jobs finished."""
+        finished = 0
+        for name, model in self.models.items():
+            tickets = self._claim(name, model.manifest.batch_size, now or utcnow())
+            if tickets:
+                self._run_batch(model, tickets)
+                finished += len(tickets)
+        return finished
+
+    def _claim(self, model_name: str, limit: int, now: datetime) -> list[Ticket]:
+        with self.sessions.begin() as session:
+            jobs = queue.claim(
+                session, [model_name], self.worker_id, now, self.config.queue, limit=limit
+            )
+            tickets = []
+            for job in jobs:
+                series_uid, study_uid = session.execute(
+                    select(Series.series_uid, Study.study_uid)
+                    .join(Study, Series.study_id == Study.id)
+                    .where(Series.id == job.series_id)
+                ).one()
+                paths = session.scalars(
+                    select(Instance.path)
+                    .where(Instance.series_id == job.series_id)
+                    .order_by(Instance.sop_instance_uid)
+                ).all()
+                tickets.append(
+                    Ticket(job.id, job.attempts, study_uid, series_uid, tuple(map(Path, paths)))
+                )
+            return tickets
+
+    def _run_batch(self, model: ImageClassifier, tickets: Sequence[Ticket]) -> None:
+        """Infer all tickets in one pass; isolate a bad input to its own job."""
+        inputs: dict[Ticket, list[Dataset]] = {}
+        for ticket in tickets:
+            try:
+                inputs[ticket] = [_read_instance(p) for p in ticket.paths]
+            except InputError as exc:
+                self._fail(ticket, str(exc), permanent=True)
+        if not inputs:
+            return
+        try:
+            try:
+                flat = [ds for datasets in inputs.values() for ds in datasets]
+                results = model.predict(flat)
+                by_ticket = _split(results, inputs)
+            except InputError:
+                by_ticket = {}
+                for ticket, datasets in inputs.items():
+                    try:
+                        by_ticket[ticket] = model.predict(datasets)
+                    except InputError as exc:
+                        self._fail(ticket, str(exc), permanent=True)
+            for ticket, ticket_results in by_ticket.items():
+                output = self._write_sr(model, inputs[ticket], ticket_results, ticket)
+                self._succeed(ticket, [output])
+        except Exception as exc:  # the worker's main loop: one bad batch must not stop the node
+            log.exception("batch of %d jobs failed", len(tickets))
+            for ticket in tickets:
+                self._fail(ticket, f"{type(exc).__name__}: {exc}", permanent=False)
+
+    def _write_sr(
+        self,
+        model: ImageClassifier,
+        sources: Sequence[Dataset],
+        results: Sequence[ImageResult],
+        ticket: Ticket,
+    ) -> ResultFile:
+        sr = build_measurement_report(sources, results, model.manifest)
+        series_uid, sop_uid = result_uids(ticket.series_uid, model.manifest)
+        buffer = BytesIO()
+        sr.save_as(buffer, enforce_file_format=True)
+        path = self.config.storage.output_dir / ticket.study_uid / series_uid / f"{sop_uid}.dcm"
+        write_durably(path, buffer.getbuffer())
+        return ResultFile(sop_uid, str(sr.SOPClassUID), series_uid, "sr", path)
+
+    def _succeed(self, ticket: Ticket, outputs: Sequence[ResultFile]) -> None:
+        now = utcnow()
+        with self.sessions.begin() as session:
+            job = queue.still_owned(session, ticket.job_id, self.worker_id, ticket.attempts)
+            if job is None:
+                log.warning("job %d was taken over; discarding this result", ticket.job_id)
+                return
+            for result in outputs:
+                output = _upsert_output(session, job, result, now)
+                for dest in self.config.destinations:
+                    _schedule_delivery(session, output, dest.name, now)
+            queue.transition(session, job, queue.JobState.SUCCEEDED, now)
+
+    def _fail(self, ticket: Ticket, error: str, *, permanent: bool) -> None:
+        now = utcnow()
+        with self.sessions.begin() as session:
+            job = queue.still_owned(session, ticket.job_id, self.worker_id, ticket.attempts)
+            if job is not None:
+                queue.fail(session, job, error, now, self.config.queue, permanent=permanent)
+
+
+def _read_instance(path: Path) -> Dataset:
+    try:
+        return dcmread(path)
+    except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
+        raise InputError(f"cannot read spooled instance {path.name}: {exc}") from exc
+
+
+def _split(
+    results: Sequence[ImageResult], inputs: dict[Ticket, list[Dataset]]
+) -> dict[Ticket, list[ImageResult]]:
+    out: dict[Ticket, list[ImageResult]] = {}
+    start = 0
+    for ticket, datasets in inputs.items():
+        out[ticket] = list(results[start : start + len(datasets)])
+        start += len(datasets)
+    return out
+
+
+def _upsert_output(session: Session, job: Job, result: ResultFile, now: datetime) -> Output:
+    output = session.scalar(
+        select(Output).where(Output.sop_instance_uid == result.sop_instance_uid)
+    )
+    if output is None:
+        output = Output(sop_instance_uid=result.sop_instance_uid, created_at=now)
+        session.add(output)
+    output.job_id = job.id
+    output.sop_class_uid = result.sop_class_uid
+    output.series_uid = result.series_uid
+    output.kind = result.kind
+    output.path = str(result.path)
+    session.flush()
+    return output
+
+
+def _schedule_delivery(session: Session, output: Output, destination: str, now: datetime) -> None:
+    """(Re)queue delivery of ``output``; a rerun's new content must reach the PACS again."""
+    delivery = session.scalar(
+        select(Delivery).where(Delivery.output_id == output.id, Delivery.destination == destination)
+    )
+    if delivery is None:
+        delivery = Delivery(output_id=output.id, destination=destination, created_at=now)
+        session.add(delivery)
+    delivery.state = DeliveryState.PENDING
+    delivery.attempts = 0
+    delivery.not_before = now
+    delivery.lease_until = None
+    delivery.worker_id = None
+    delivery.last_error = None
+    delivery.updated_at = now
+    eventlog.record(
+        session,
+        "delivery-pending",
+        f"output {output.sop_instance_uid} queued for {destination}",
+        now,
+        job_id=output.job_id,
+    )
