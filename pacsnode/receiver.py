@@ -59,6 +59,7 @@ from pacsnode.status import (
     store_status_for,
 )
 from pacsnode.tables import Instance, Series, Study
+from pacsnode.wellformed import check_stream
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,9 @@ class StoreHandler:
         request = cast(C_STORE, event.request)
         calling_aet = str(event.assoc.requestor.ae_title).strip()
         try:
+            check_stream(
+                event.encoded_dataset(include_meta=False), str(event.file_meta.TransferSyntaxUID)
+            )
             encoded = event.encoded_dataset(include_meta=True)
             header = read_header(
                 encoded,

@@ -7,6 +7,7 @@ from enum import IntEnum
 from pydicom.dataset import Dataset
 
 from pacsnode.errors import InvalidDatasetError, PacsnodeError, SpoolError
+from pacsnode.wellformed import MalformedStreamError
 
 
 class StoreStatus(IntEnum):
@@ -43,6 +44,7 @@ _STATUS_FOR: list[tuple[type[PacsnodeError], StoreStatus]] = [
     (DatasetMismatchError, StoreStatus.DATASET_DOES_NOT_MATCH_SOP_CLASS),
     (UidMismatchError, StoreStatus.UID_MISMATCH),
     (UndecodableDatasetError, StoreStatus.CANNOT_DECODE),
+    (MalformedStreamError, StoreStatus.CANNOT_DECODE),
     (InvalidDatasetError, StoreStatus.MISSING_OR_INVALID_ATTRIBUTE),
 ]
 

@@ -46,15 +46,35 @@ REQUIRED_BINARIES: tuple[str, ...] = ("storescu", "echoscu", "dciodvfy", "Orthan
 LOOPBACK = "127.0.0.1"
 
 
+def find_binary(name: str) -> str | None:
+    """Path of the native executable ``name`` on ``PATH`` (plus ``/usr/sbin``), or None.
+
+    pynetdicom installs Python apps named ``storescu``/``echoscu`` into the virtualenv's
+    ``bin``; with the venv on ``PATH`` they would shadow dcmtk, so Python scripts are
+    skipped.
+    """
+    dirs = [*os.environ.get("PATH", "").split(os.pathsep), "/usr/sbin", "/sbin"]
+    for directory in dirs:
+        if not directory:
+            continue
+        candidate = Path(directory) / name
+        if not (candidate.is_file() and os.access(candidate, os.X_OK)):
+            continue
+        with candidate.open("rb") as fh:
+            head = fh.read(128)
+        if head.startswith(b"#!") and b"python" in head.split(b"\n", 1)[0]:
+            continue
+        return str(candidate)
+    return None
+
+
 def missing_binaries(names: Iterable[str] = REQUIRED_BINARIES) -> list[str]:
-    """Return the names in ``names`` that are not on ``PATH`` (nor in ``/usr/sbin``)."""
-    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-    return [name for name in names if shutil.which(name, path=search) is None]
+    """Return the names in ``names`` for which :func:`find_binary` finds nothing."""
+    return [name for name in names if find_binary(name) is None]
 
 
 def _which(name: str) -> str:
-    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-    found = shutil.which(name, path=search)
+    found = find_binary(name)
     if found is None:
         raise FileNotFoundError(f"{name!r} not found on PATH; run `make test` to install it")
     return found

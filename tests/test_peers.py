@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from io import BytesIO
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from peers import (
     OrthancError,
     dciodvfy,
     echoscu,
+    find_binary,
     free_port,
     parse_store_statuses,
     storescu,
@@ -72,6 +75,15 @@ def write_secondary_capture(path: Path, *, broken: bool = False) -> Dataset:
         del ds.Rows
     ds.save_as(path, enforce_file_format=True)
     return ds
+
+
+def test_find_binary_skips_pynetdicom_apps(monkeypatch: pytest.MonkeyPatch) -> None:
+    venv_bin = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", os.pathsep.join([venv_bin, os.environ.get("PATH", "")]))
+    for name in ("storescu", "echoscu"):
+        found = find_binary(name)
+        assert found is not None
+        assert not Path(found).read_bytes().startswith(b"#!"), found
 
 
 def test_orthanc_starts_and_answers_echoscu(orthanc: Orthanc) -> None:

@@ -20,7 +20,7 @@ from monai.networks.nets import DenseNet121
 from pydicom.dataset import Dataset
 from safetensors.torch import load_file, save_file
 
-from pacsnode.errors import InputError, ManifestError
+from pacsnode.errors import ManifestError
 from pacsnode.manifest import (
     MANIFEST_FILE,
     InputSpec,
@@ -49,7 +49,9 @@ def image_to_tensor(image: np.ndarray, input_spec: InputSpec) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     size = input_spec.size
     if t.shape[-2:] != (size, size):
-        t = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        t = F.interpolate(
+            t, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
     t = t[0].clamp_(0.0, 1.0).expand(input_spec.channels, size, size)
     mean = torch.tensor(input_spec.mean, dtype=torch.float32)[:, None, None]
     std = torch.tensor(input_spec.std, dtype=torch.float32)[:, None, None]

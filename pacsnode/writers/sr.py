@@ -7,26 +7,36 @@ second one.
 
 Document layout (TID 1500 "Imaging Measurement Report")::
 
-    Language, Observation Context (device observer = the model run by pacsnode),
+    Language; Observation Context (device observer = the model, run by pacsnode);
     Procedure Reported = SCT 399208008 "Plain chest X-ray" (overridable)
     Imaging Measurements
       Measurement Group (TID 1501), one per source image, in the order of ``sources``
-        Tracking Identifier (text + derived UID), Algorithm Identification (TID 4019),
-        Source of Measurement -> the image (SOP class + instance)
+        Tracking Identifier (text + derived UID), Algorithm Identification (TID 4019)
         per reported label, in manifest order:
           NUM   <label code> = probability, unit UCUM "1" (no units), with TID 4019
+        per reported label, in manifest order:
           CODE  <label code> = SCT Present / SCT Absent (probability >= label threshold)
+        Source of Measurement -> the image (SOP class + instance)
 
 The SOP class is **Enhanced SR**: the content has no spatial coordinates, and Enhanced SR is
 the least capable SOP class that holds it, which makes it the one most PACS and viewers
 accept and render (Comprehensive 3D SR would only be needed for SCOORD3D content).
 
-Everything is built by highdicom constructors and never patched afterwards. Consequence:
-highdicom stamps three wall-clock values itself (``InstanceCreationDate``,
-``InstanceCreationTime`` and the ``ContributionDateTime`` of its own Contributing Equipment
-item) and offers no parameter for them. Every other byte -- UIDs, content, ``ContentDate``/
-``ContentTime``/``SeriesDate``/``SeriesTime`` (taken from ``now``) -- is a function of the
-inputs.
+Everything is built by highdicom constructors and never patched afterwards. Two notes:
+
+* The three CONTAINERs (report, Imaging Measurements, each Measurement Group) are made with
+  ``ContainerContentItem(is_content_continuous=False)`` and filled with highdicom's template
+  items (TrackingIdentifier, AlgorithmIdentification, Measurement, QualitativeEvaluation,
+  SourceImageForMeasurementGroup), the way highdicom's own ``MeasurementReport`` assembles
+  them. highdicom's ``MeasurementReport`` fixes ContinuityOfContent to CONTINUOUS, which
+  renderers that follow PS3.3 C.17.3.2.2 (dcmtk's ``dsr2html``) show as running prose
+  *without concept names*: "0.83 1 / Present", no finding name. SEPARATE renders
+  "Pleural effusion: 0.83 1". highdicom reads the result back as a ``MeasurementReport``.
+* highdicom stamps three wall-clock values itself (``InstanceCreationDate``,
+  ``InstanceCreationTime`` and the ``ContributionDateTime`` of its own Contributing
+  Equipment item) and offers no parameter for them. Every other byte -- UIDs, content,
+  ``ContentDate``/``ContentTime``/``SeriesDate``/``SeriesTime`` (taken from ``now``) --
+  is a function of the inputs.
 """
 
 from __future__ import annotations
@@ -57,6 +67,9 @@ DEMO_DISCLAIMER = "DEMO, synthetic-trained, not for clinical use"
 """Shown wherever a human reads the report when ``manifest.synthetic`` is true."""
 
 UTF8 = "ISO_IR 192"
+ENGLISH = hd.sr.CodedConcept(
+    value="en-US", scheme_designator="RFC5646", meaning="English (United States)"
+)
 PROBABILITY_UNIT = codes.UCUM.NoUnits
 """UCUM ``1`` "no units" (CID 7181): a probability is a dimensionless number in [0, 1]."""
 
@@ -179,15 +192,28 @@ def build_measurement_report(
         _measurement_group(ds, by_instance[str(ds.SOPInstanceUID)], manifest, algorithm, index)
         for index, ds in enumerate(sources, start=1)
     ]
-    report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(manifest),
-        procedure_reported=procedure_reported,
-        imaging_measurements=groups,
+    report = _container(
+        codes.cid7021.ImagingMeasurementReport,
+        template_id="1500",
+        items=[
+            *hd.sr.LanguageOfContentItemAndDescendants(ENGLISH),
+            *_observation_context(manifest),
+            hd.sr.CodeContentItem(
+                name=codes.DCM.ProcedureReported,
+                value=procedure_reported,
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+            ),
+            _container(
+                codes.DCM.ImagingMeasurements,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                items=groups,
+            ),
+        ],
     )
     sr_series_uid, sr_instance_uid = result_uids(series_uid, manifest)
     return hd.sr.EnhancedSR(
         evidence=list(sources),
-        content=report,
+        content=hd.sr.ContentSequence([report], is_root=True),
         series_instance_uid=sr_series_uid,
         series_number=series_number,
         sop_instance_uid=sr_instance_uid,
@@ -298,7 +324,8 @@ def _measurement_group(
     manifest: Manifest,
     algorithm: hd.sr.AlgorithmIdentification,
     index: int,
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+) -> hd.sr.ContainerContentItem:
+    """TID 1501 for one image, items in the order highdicom's template uses."""
     identifier = f"{manifest.name} findings, image {index}"
     if manifest.synthetic:
         identifier = f"{identifier} ({DEMO_DISCLAIMER})"
@@ -306,27 +333,51 @@ def _measurement_group(
         uid=derive_uid(str(source.SOPInstanceUID), manifest.name, manifest.version, "sr", "group"),
         identifier=identifier,
     )
-    measurements = []
-    evaluations = []
+    measurements: list[Dataset] = []
+    evaluations: list[Dataset] = []
     for label in manifest.reported_labels:
         code = _label_code(label)
         p = float(result.probabilities[label.name])
-        measurements.append(
+        measurements.extend(
             hd.sr.Measurement(name=code, value=p, unit=PROBABILITY_UNIT, algorithm_id=algorithm)
         )
         present = p >= label.threshold
-        evaluations.append(
+        evaluations.extend(
             hd.sr.QualitativeEvaluation(
                 name=code, value=codes.SCT.Present if present else codes.SCT.Absent
             )
         )
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=tracking,
-        algorithm_id=algorithm,
-        measurements=measurements,
-        qualitative_evaluations=evaluations,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+    return _container(
+        codes.DCM.MeasurementGroup,
+        template_id="1501",
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        items=[
+            *tracking,
+            *algorithm,
+            *measurements,
+            *evaluations,
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(source),
+        ],
     )
+
+
+def _container(
+    name: Code,
+    *,
+    items: Sequence[Dataset],
+    template_id: str | None = None,
+    relationship_type: hd.sr.RelationshipTypeValues | None = None,
+) -> hd.sr.ContainerContentItem:
+    """A CONTAINER with ContinuityOfContent SEPARATE (see the module docstring)."""
+    container = hd.sr.ContainerContentItem(
+        name=name,
+        is_content_continuous=False,
+        template_id=template_id,
+        relationship_type=relationship_type,
+    )
+    # highdicom's templates are ContentSequences whose items are typed as plain Datasets
+    container.ContentSequence = hd.sr.ContentSequence(cast(Sequence[hd.sr.ContentItem], items))
+    return container
 
 
 def _label_code(label: LabelSpec) -> Code:
