@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,10 @@ from dicomgen import MR_IMAGE, image_dataset, save
 from nodeproc import NodeProcess
 from peers import LOOPBACK, combined_output, echoscu, parse_store_statuses, storescu
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_STORE
 from sqlalchemy import select
 
 from pacsnode.spool import spool_path
@@ -74,35 +78,44 @@ def test_missing_uid_gets_failure_status_and_node_keeps_serving(
     assert not (node.spool_dir / "None").exists()
 
 
-def _truncated_file(tmp_path: Path) -> tuple[Path, str]:
-    """Valid file meta and SOP UIDs, then an element claiming more bytes than follow."""
-    ds = image_dataset()
-    header = image_dataset()
-    for keyword in list(header.dir()):
-        if keyword not in ("SOPClassUID", "SOPInstanceUID"):
-            delattr(header, keyword)
-    header.SOPInstanceUID = ds.SOPInstanceUID
-    header.file_meta = ds.file_meta
-    path = save(header, tmp_path / "truncated.dcm")
-    with path.open("ab") as fh:  # (0010,0010) PN, length 0x7000, then only a few bytes
-        fh.write(b"\x10\x00\x10\x00PN\x00\x70" + b"Doe^J")
-    return path, ds.SOPClassUID
-
-
-def test_undecodable_dataset_gets_c210(node: NodeProcess, tmp_path: Path) -> None:
-    broken, sop_class = _truncated_file(tmp_path)
-    ae = AE(ae_title="GARBAGE")
-    ae.add_requested_context(sop_class, "1.2.840.10008.1.2.1")
-    assoc = ae.associate(LOOPBACK, node.port, ae_title="PACSNODE")
+def _send_raw(port: int, sop_class: str, sop_instance: str, stream: bytes) -> Dataset | None:
+    """C-STORE ``stream`` exactly as given: pynetdicom's send_c_store would re-encode it."""
+    ae = AE(ae_title="RAWSCU")
+    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    assoc = ae.associate(LOOPBACK, port, ae_title="PACSNODE")
     assert assoc.is_established
     try:
-        status = assoc.send_c_store(broken)
+        req = C_STORE()
+        req.MessageID = 1
+        req.AffectedSOPClassUID = sop_class
+        req.AffectedSOPInstanceUID = sop_instance
+        req.Priority = 2
+        req.DataSet = BytesIO(stream)
+        context = assoc.accepted_contexts[0]
+        assoc.dimse.send_msg(req, context.context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
     finally:
         assoc.release()
+    if rsp is None:
+        return None
+    status = Dataset()
+    status.Status = rsp.Status
+    if rsp.ErrorComment:
+        status.ErrorComment = rsp.ErrorComment
+    return status
+
+
+def test_truncated_dataset_gets_c210(node: NodeProcess, tmp_path: Path) -> None:
+    ds = image_dataset()
+    path = save(ds, tmp_path / "ct.dcm")
+    raw = path.read_bytes()
+    stream = raw[144 + int.from_bytes(raw[140:144], "little") :]
+    status = _send_raw(node.port, ds.SOPClassUID, ds.SOPInstanceUID, stream[:-100])
     assert status is not None and int(status.Status) == 0xC210
     assert "declares" in str(status.ErrorComment)
     assert not list(node.spool_dir.rglob("*.dcm"))
-    assert _store(node, [save(image_dataset(), tmp_path / "after.dcm")]) == [0x0000]
+    # the same bytes, whole, are stored: the check is about truncation, nothing else
+    assert _store(node, [path]) == [0x0000]
 
 
 def test_other_sop_class_refused_at_negotiation(node: NodeProcess, tmp_path: Path) -> None:
