@@ -144,7 +144,8 @@ def claim(
     ids = db.claim_jobs(session, model_names, worker_id, now, cfg.lease_seconds, limit)
     if not ids:
         return []
-    return list(session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.id)))
+    fresh = select(Job).where(Job.id.in_(ids)).order_by(Job.id)
+    return list(session.scalars(fresh.execution_options(populate_existing=True)))
 
 
 def still_owned(session: Session, job_id: int, worker_id: str, attempts: int) -> Job | None:
