@@ -79,18 +79,21 @@ class CompletionConfig(_Section):
         )
 
 
-class QueueConfig(_Section):
+class RetryPolicy(_Section):
+    """Attempts, exponential backoff and lease of work that is retried (jobs, deliveries)."""
+
     max_attempts: int = Field(5, ge=1)
     backoff_base_seconds: float = Field(5.0, gt=0)
     backoff_max_seconds: float = Field(600.0, gt=0)
     lease_seconds: float = Field(300.0, gt=0)
+
+
+class QueueConfig(RetryPolicy):
     poll_seconds: float = Field(1.0, gt=0)
 
 
-class DispatchConfig(_Section):
+class DispatchConfig(RetryPolicy):
     max_attempts: int = Field(10, ge=1)
-    backoff_base_seconds: float = Field(5.0, gt=0)
-    backoff_max_seconds: float = Field(600.0, gt=0)
     lease_seconds: float = Field(120.0, gt=0)
     timeout_seconds: float = Field(30.0, gt=0)
 

@@ -81,6 +81,50 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         command.upgrade(cfg, revision)
 
 
+def _claim(
+    session: Session,
+    table: type[Job] | type[Delivery],
+    ready: Sequence[Any],
+    busy: Any,
+    where: Sequence[Any],
+    worker_id: str,
+    now: datetime,
+    lease_seconds: float,
+    limit: int,
+) -> list[int]:
+    """Take up to ``limit`` rows that are ready and due, or busy with a lapsed lease.
+
+    One UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED) RETURNING id:
+    atomic on PostgreSQL by the row locks, on SQLite by BEGIN IMMEDIATE.
+    """
+    runnable = or_(
+        table.state.in_(list(ready)) & (table.not_before <= now),
+        (table.state == busy) & (table.lease_until < now),
+    )
+    candidates = (
+        select(table.id)
+        .where(runnable, *where)
+        .order_by(table.not_before, table.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    stmt = (
+        update(table)
+        .where(table.id.in_(candidates))
+        .values(
+            state=busy,
+            attempts=table.attempts + 1,
+            lease_until=now + timedelta(seconds=lease_seconds),
+            worker_id=worker_id,
+            updated_at=now,
+        )
+        .returning(table.id)
+        .execution_options(synchronize_session=False)
+    )
+    return list(session.scalars(stmt))
+
+
 def claim_jobs(
     session: Session,
     model_names: Sequence[str],
@@ -89,63 +133,19 @@ def claim_jobs(
     lease_seconds: float,
     limit: int = 1,
 ) -> list[int]:
-    """Atomically take up to ``limit`` runnable jobs: queued, due for retry, or with a lapsed lease."""
-    runnable = or_(
-        Job.state.in_([JobState.QUEUED, JobState.FAILED]) & (Job.not_before <= now),
-        (Job.state == JobState.RUNNING) & (Job.lease_until < now),
+    """Atomically take runnable jobs of ``model_names``: queued, due for retry, or orphaned."""
+    ready = [JobState.QUEUED, JobState.FAILED]
+    where = [Job.model_name.in_(list(model_names))]
+    return _claim(
+        session, Job, ready, JobState.RUNNING, where, worker_id, now, lease_seconds, limit
     )
-    candidates = (
-        select(Job.id)
-        .where(Job.model_name.in_(list(model_names)), runnable)
-        .order_by(Job.not_before, Job.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    stmt = (
-        update(Job)
-        .where(Job.id.in_(candidates))
-        .values(
-            state=JobState.RUNNING,
-            attempts=Job.attempts + 1,
-            lease_until=now + timedelta(seconds=lease_seconds),
-            worker_id=worker_id,
-            updated_at=now,
-        )
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
-    )
-    return list(session.scalars(stmt))
 
 
 def claim_deliveries(
     session: Session, worker_id: str, now: datetime, lease_seconds: float, limit: int = 16
 ) -> list[int]:
     """Atomically take deliveries that are pending, due for retry, or whose sender died."""
-    runnable = or_(
-        Delivery.state.in_([DeliveryState.PENDING, DeliveryState.FAILED])
-        & (Delivery.not_before <= now),
-        (Delivery.state == DeliveryState.SENDING) & (Delivery.lease_until < now),
+    ready = [DeliveryState.PENDING, DeliveryState.FAILED]
+    return _claim(
+        session, Delivery, ready, DeliveryState.SENDING, [], worker_id, now, lease_seconds, limit
     )
-    candidates = (
-        select(Delivery.id)
-        .where(runnable)
-        .order_by(Delivery.not_before, Delivery.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    stmt = (
-        update(Delivery)
-        .where(Delivery.id.in_(candidates))
-        .values(
-            state=DeliveryState.SENDING,
-            attempts=Delivery.attempts + 1,
-            lease_until=now + timedelta(seconds=lease_seconds),
-            worker_id=worker_id,
-            updated_at=now,
-        )
-        .returning(Delivery.id)
-        .execution_options(synchronize_session=False)
-    )
-    return list(session.scalars(stmt))

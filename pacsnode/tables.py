@@ -41,6 +41,18 @@ class DeliveryState(enum.StrEnum):
     DEAD = "dead"
 
 
+class LeasedWork:
+    """Columns shared by work that is claimed under a lease and retried: jobs and deliveries."""
+
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[datetime] = mapped_column(DateTime, index=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime)
+    worker_id: Mapped[str | None] = mapped_column(String(128))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+
+
 class Study(Base):
     __tablename__ = "studies"
 
@@ -99,7 +111,7 @@ class RoutingDecision(Base):
     decided_at: Mapped[datetime] = mapped_column(DateTime)
 
 
-class Job(Base):
+class Job(LeasedWork, Base):
     __tablename__ = "jobs"
     __table_args__ = (UniqueConstraint("series_id", "model_name", "model_version"),)
 
@@ -113,13 +125,6 @@ class Job(Base):
         ),
         index=True,
     )
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    not_before: Mapped[datetime] = mapped_column(DateTime, index=True)
-    lease_until: Mapped[datetime | None] = mapped_column(DateTime)
-    worker_id: Mapped[str | None] = mapped_column(String(128))
-    last_error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime)
-    updated_at: Mapped[datetime] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     series: Mapped[Series] = relationship()
@@ -144,7 +149,7 @@ class Output(Base):
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="output")
 
 
-class Delivery(Base):
+class Delivery(LeasedWork, Base):
     __tablename__ = "deliveries"
     __table_args__ = (UniqueConstraint("output_id", "destination"),)
 
@@ -160,13 +165,6 @@ class Delivery(Base):
         ),
         index=True,
     )
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    not_before: Mapped[datetime] = mapped_column(DateTime, index=True)
-    lease_until: Mapped[datetime | None] = mapped_column(DateTime)
-    worker_id: Mapped[str | None] = mapped_column(String(128))
-    last_error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime)
-    updated_at: Mapped[datetime] = mapped_column(DateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     output: Mapped[Output] = relationship(back_populates="deliveries")

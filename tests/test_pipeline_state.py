@@ -203,3 +203,18 @@ def test_config_names_the_offending_key() -> None:
     config = parse_config(Path("config/pacsnode.toml").read_text())
     assert config.node.port == 11112 and config.models.enabled == ["cxr-chexnet"]
     assert [d.name for d in config.destinations] == ["pacs"]
+
+
+def test_migrations_match_the_tables(tmp_path: Path) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from pacsnode.tables import Base
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'm.sqlite'}")
+    upgrade(engine)
+    upgrade(engine)  # idempotent
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+    assert mode == "wal"
