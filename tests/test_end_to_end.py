@@ -17,7 +17,7 @@ from sqlalchemy import select
 from pacsnode.manifest import load_manifest
 from pacsnode.models.cxr import ChexNetClassifier
 from pacsnode.phantoms.cxr import make_cxr_dataset
-from pacsnode.tables import Delivery, DeliveryState, Job, JobState
+from pacsnode.tables import Delivery, DeliveryState, Instance, Job, JobState
 from pacsnode.writers.sr import read_measurement_report
 
 SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.34"}
@@ -91,11 +91,14 @@ def test_monochrome1_and_jpeg2000_are_processed(
     )
     path = tmp_path / "in.dcm"
     ds.save_as(path, enforce_file_format=True)
-    result = storescu(LOOPBACK, node.port, [path], called_aet=node.ae_title)
+    extra = ["--propose-j2k-lossless"] if transfer_syntax else []  # stored as received
+    result = storescu(LOOPBACK, node.port, [path], called_aet=node.ae_title, extra_args=extra)
     assert parse_store_statuses(combined_output(result)) == [0x0000]
     orthanc.wait_for(lambda: _srs(orthanc, ds.StudyInstanceUID), timeout=120)
     with node.sessions()() as s:
         assert [j.state for j in s.scalars(select(Job))] == [JobState.SUCCEEDED]
+        (instance,) = s.scalars(select(Instance))
+        assert instance.transfer_syntax_uid == (transfer_syntax or ds.file_meta.TransferSyntaxUID)
 
 
 def test_kill_minus_9_between_store_and_send_yields_exactly_one_sr(
