@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -11,10 +10,9 @@ from dicomgen import MR_IMAGE, image_dataset, save
 from nodeproc import NodeProcess
 from peers import LOOPBACK, combined_output, echoscu, parse_store_statuses, storescu
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom import _config as pynetdicom_config
 from sqlalchemy import select
 
 from pacsnode.spool import spool_path
@@ -78,43 +76,26 @@ def test_missing_uid_gets_failure_status_and_node_keeps_serving(
     assert not (node.spool_dir / "None").exists()
 
 
-def _send_raw(port: int, sop_class: str, sop_instance: str, stream: bytes) -> Dataset | None:
-    """C-STORE ``stream`` exactly as given: pynetdicom's send_c_store would re-encode it."""
-    ae = AE(ae_title="RAWSCU")
-    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-    assoc = ae.associate(LOOPBACK, port, ae_title="PACSNODE")
-    assert assoc.is_established
-    try:
-        req = C_STORE()
-        req.MessageID = 1
-        req.AffectedSOPClassUID = sop_class
-        req.AffectedSOPInstanceUID = sop_instance
-        req.Priority = 2
-        req.DataSet = BytesIO(stream)
-        context = assoc.accepted_contexts[0]
-        assoc.dimse.send_msg(req, context.context_id)
-        _, rsp = assoc.dimse.get_msg(block=True)
-    finally:
-        assoc.release()
-    if rsp is None:
-        return None
-    status = Dataset()
-    status.Status = rsp.Status
-    if rsp.ErrorComment:
-        status.ErrorComment = rsp.ErrorComment
-    return status
-
-
-def test_truncated_dataset_gets_c210(node: NodeProcess, tmp_path: Path) -> None:
+def test_truncated_dataset_gets_c210(
+    node: NodeProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ds = image_dataset()
     path = save(ds, tmp_path / "ct.dcm")
-    raw = path.read_bytes()
-    stream = raw[144 + int.from_bytes(raw[140:144], "little") :]
-    status = _send_raw(node.port, ds.SOPClassUID, ds.SOPInstanceUID, stream[:-100])
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(path.read_bytes()[:-100])
+    # pynetdicom's chunked mode sends a file's bytes as they are, without re-encoding
+    monkeypatch.setattr(pynetdicom_config, "STORE_SEND_CHUNKED_DATASET", True)
+    ae = AE(ae_title="RAWSCU")
+    ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate(LOOPBACK, node.port, ae_title="PACSNODE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(truncated)
+    finally:
+        assoc.release()
     assert status is not None and int(status.Status) == 0xC210
     assert "declares" in str(status.ErrorComment)
     assert not list(node.spool_dir.rglob("*.dcm"))
-    # the same bytes, whole, are stored: the check is about truncation, nothing else
     assert _store(node, [path]) == [0x0000]
 
 
