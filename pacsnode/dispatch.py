@@ -60,7 +60,7 @@ def send(
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "unreachable"
+        why = "rejected" if assoc.is_rejected else "not established (unreachable or aborted)"
         for delivery_id in datasets:
             outcome[delivery_id] = f"association to {dest.ae_title}@{dest.host}:{dest.port} {why}"
         return outcome
