@@ -37,6 +37,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -227,10 +228,9 @@ class StoreHandler:
         request = cast(C_STORE, event.request)
         calling_aet = str(event.assoc.requestor.ae_title).strip()
         try:
-            check_stream(
-                event.encoded_dataset(include_meta=False), str(event.file_meta.TransferSyntaxUID)
-            )
-            encoded = event.encoded_dataset(include_meta=True)
+            stream = event.encoded_dataset(include_meta=False)
+            check_stream(stream, str(event.file_meta.TransferSyntaxUID))
+            encoded = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta), stream))
             header = read_header(
                 encoded,
                 str(request.AffectedSOPClassUID),
