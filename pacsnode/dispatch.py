@@ -135,7 +135,7 @@ class Dispatcher:
 
     def initialize(self) -> None:
         with self.sessions.begin() as session:
-            queue.release_orphans(session, utcnow())
+            queue.release_orphans(session, Delivery, utcnow())
 
     def shutdown(self) -> None:
         pass

@@ -193,38 +193,36 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def release_orphans(session: Session, now: datetime) -> int:
-    """Expire the leases of jobs and deliveries held by dead processes on this host.
+def release_orphans(session: Session, table: type[Job] | type[Delivery], now: datetime) -> int:
+    """Expire the leases that dead processes on this host hold on ``table`` (jobs or deliveries).
 
     Leases alone bring work back eventually (and are all that works across
     hosts); this makes a restart after ``kill -9`` pick the work up at once.
+    Each component releases its own kind of work when it starts.
     """
     host = socket.gethostname()
-    released = 0
-    for table, busy in ((Job, JobState.RUNNING), (Delivery, DeliveryState.SENDING)):
-        rows = session.execute(
-            select(table.id, table.worker_id).where(table.state == busy, table.lease_until >= now)
-        ).all()
-        dead = []
-        for row_id, owner in rows:
-            parts = (owner or "").split(":")
-            local = len(parts) == 3 and parts[0] == host and parts[1].isdigit()
-            if local and int(parts[1]) != os.getpid() and not _pid_alive(int(parts[1])):
-                dead.append(row_id)
-        if dead:
-            session.execute(
-                update(table)
-                .where(table.id.in_(dead))
-                .values(lease_until=now - timedelta(seconds=1))
-                .execution_options(synchronize_session=False)
-            )
-            released += len(dead)
-    if released:
+    busy = JobState.RUNNING if table is Job else DeliveryState.SENDING
+    rows = session.execute(
+        select(table.id, table.worker_id).where(table.state == busy, table.lease_until >= now)
+    ).all()
+    dead = []
+    for row_id, owner in rows:
+        parts = (owner or "").split(":")
+        local = len(parts) == 3 and parts[0] == host and parts[1].isdigit()
+        if local and int(parts[1]) != os.getpid() and not _pid_alive(int(parts[1])):
+            dead.append(row_id)
+    if dead:
+        session.execute(
+            update(table)
+            .where(table.id.in_(dead))
+            .values(lease_until=now - timedelta(seconds=1))
+            .execution_options(synchronize_session=False)
+        )
         eventlog.record(
             session,
             "orphans-released",
-            f"released {released} jobs/deliveries held by dead processes on {host}",
+            f"released {len(dead)} {table.__tablename__} held by dead processes on {host}",
             now,
             level="warning",
         )
-    return released
+    return len(dead)

@@ -197,8 +197,15 @@ def record_instance(
     instance.received_at = now
     instance.size_bytes = size
     instance.transfer_syntax_uid = header.transfer_syntax_uid
+    instance.view_position = header.view_position
     instance.path = str(path)
     if instance.series_id != series.id:
+        # the newest copy wins: the instance now belongs to the series it was last sent in
+        previous = session.get(Series, instance.series_id)
+        if previous is not None:
+            previous.instance_count -= 1
+        instance.series_id = series.id
+        series.instance_count += 1
         eventlog.record(
             session,
             "instance-moved",

@@ -79,7 +79,7 @@ class Worker:
             m = self.models[name].manifest
             log.info("model %s %s loaded on %s", m.name, m.version, device)
         with self.sessions.begin() as session:
-            queue.release_orphans(session, utcnow())
+            queue.release_orphans(session, Job, utcnow())
 
     def shutdown(self) -> None:
         self.models.clear()

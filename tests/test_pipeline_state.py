@@ -15,7 +15,7 @@ from pacsnode.db import make_engine, make_sessionmaker, upgrade
 from pacsnode.errors import ConfigError
 from pacsnode.manifest import Accepts, LabelSpec, Manifest, WeightsSpec
 from pacsnode.receiver import InstanceHeader, record_instance
-from pacsnode.tables import Job, JobState, RoutingDecision, Series
+from pacsnode.tables import Delivery, Job, JobState, RoutingDecision, Series
 
 T0 = datetime(2026, 1, 1, 8, 0, 0)
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -170,7 +170,8 @@ def test_dead_process_lease_is_released_at_once(sessions: sessionmaker[Session])
     with sessions.begin() as s:
         queue.claim(s, ["cxr"], owner, T0, cfg)
     with sessions.begin() as s:
-        assert queue.release_orphans(s, T0 + timedelta(seconds=1)) == 1
+        assert queue.release_orphans(s, Delivery, T0 + timedelta(seconds=1)) == 0
+        assert queue.release_orphans(s, Job, T0 + timedelta(seconds=1)) == 1
         again = queue.claim(s, ["cxr"], "new:1:x", T0 + timedelta(seconds=1), cfg)
         assert [j.id for j in again] == [job_id]
 
@@ -191,6 +192,22 @@ def test_late_instance_reruns_finished_job(sessions: sessionmaker[Session]) -> N
         assert series.instance_count == 2
         jobs = routing.route_series(s, series, [manifest("cxr")], T0 + timedelta(seconds=30))
         assert [(j.id, j.state) for j in jobs] == [(job_id, JobState.QUEUED)]
+
+
+def test_instance_resent_in_another_series_moves_and_counts_once(
+    sessions: sessionmaker[Session],
+) -> None:
+    from pacsnode.tables import Instance
+
+    with sessions.begin() as s:
+        receive(s, "DX", "1.1", "9.9.9", T0)
+        receive(s, "DX", "1.2", "9.9.9", T0 + timedelta(seconds=1))
+    with sessions.begin() as s:
+        counts = {x.series_uid: x.instance_count for x in s.scalars(select(Series))}
+        assert counts == {"1.1": 0, "1.2": 1}
+        instance = s.scalar(select(Instance))
+        assert instance is not None and instance.receive_count == 2
+        assert s.get(Series, instance.series_id).series_uid == "1.2"  # type: ignore[union-attr]
 
 
 def test_config_names_the_offending_key() -> None:
