@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
+from sqlalchemy import Connection, insert
 from sqlalchemy.orm import Session
 
 from pacsnode.tables import Event
@@ -13,7 +14,7 @@ log = logging.getLogger("pacsnode")
 
 
 def record(
-    session: Session,
+    session: Session | Connection,
     kind: str,
     message: str,
     now: datetime,
@@ -24,8 +25,8 @@ def record(
     job_id: int | None = None,
 ) -> None:
     """Add an event row in the caller's transaction and mirror it to the log (no patient data)."""
-    session.add(
-        Event(
+    session.execute(
+        insert(Event).values(
             at=now,
             level=level,
             kind=kind,

@@ -1,22 +1,24 @@
 """The DICOM receiver: C-ECHO and C-STORE SCP.
 
-The C-STORE handler is deliberately thin: read the identifying header
-attributes, write the encoded dataset as received to the spool (fsync + rename),
-record one row, and only then answer success. Decoding pixels and inference
-happen elsewhere, never on the association thread.
+The C-STORE path is deliberately thin: the dataset streams into a spool file as its
+fragments arrive; once complete the file is fsynced, checked (element lengths, the
+identifying header attributes), renamed into the spool and recorded in the database,
+and only then is success answered. Decoding pixels and inference happen elsewhere,
+never on the association thread. The wire protocol lives in :mod:`pacsnode.upperlayer`.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from io import BytesIO
 from pathlib import Path
-from typing import Any, cast
 
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     JPEG2000,
@@ -35,31 +37,31 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     RLELossless,
 )
-from pynetdicom import AE, evt
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode_file_meta
-from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacsnode import eventlog
 from pacsnode.config import Config
 from pacsnode.db import utcnow
 from pacsnode.errors import InvalidDatasetError, PacsnodeError
-from pacsnode.spool import is_valid_uid, spool_path, sweep_temp_files, write_durably
+from pacsnode.spool import IncomingFile, is_valid_uid, spool_path, sweep_temp_files
 from pacsnode.status import (
     DatabaseUnavailableError,
     DatasetMismatchError,
     StoreStatus,
     UidMismatchError,
     UndecodableDatasetError,
-    status_dataset,
     store_status_for,
 )
 from pacsnode.tables import Instance, Series, Study
+from pacsnode.upperlayer import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION,
+    AcceptorPolicy,
+    StoreRequest,
+    StoreServer,
+)
 from pacsnode.wellformed import check_stream
 
 log = logging.getLogger(__name__)
@@ -109,16 +111,34 @@ class InstanceHeader:
     transfer_syntax_uid: str
 
 
-def read_header(
-    encoded: bytes, request_sop_class: str, request_sop_instance: str
-) -> InstanceHeader:
-    """Parse the identifying attributes from a Part 10 byte stream; reject what we cannot file."""
+_HEADER_TAG_NUMBERS = {keyword: int(tag_for_keyword(keyword) or 0) for keyword in _HEADER_TAGS}
+
+
+def header_values(path: Path, dataset_offset: int, transfer_syntax: str) -> dict[str, str]:
+    """Check the stream's element lengths and return the header attributes, in one pass.
+
+    Streams the walker does not cover (deflated, big endian) go through pydicom.
+    """
+    data = path.read_bytes()  # just written: a page-cache copy, far cheaper than the fsync
+    if len(data) == dataset_offset:
+        raise UndecodableDatasetError("empty dataset")
+    found: dict[int, bytes] = dict.fromkeys(_HEADER_TAG_NUMBERS.values(), b"")
+    if check_stream(memoryview(data)[dataset_offset:], transfer_syntax, found):
+        return {
+            keyword: found[number].decode("ascii", "replace").strip(" \x00")
+            for keyword, number in _HEADER_TAG_NUMBERS.items()
+        }
     try:
-        ds = dcmread(BytesIO(encoded), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        values = {tag: str(ds.get(tag, "") or "").strip() for tag in _HEADER_TAGS[1:]}
-        ts = str(ds.file_meta.TransferSyntaxUID)
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        return {tag: str(ds.get(tag, "") or "").strip() for tag in _HEADER_TAGS}
     except (InvalidDicomError, ValueError, KeyError, EOFError, OSError, AttributeError) as exc:
         raise UndecodableDatasetError(f"dataset does not parse: {exc}") from exc
+
+
+def read_header(
+    values: dict[str, str], transfer_syntax: str, request_sop_class: str, request_sop_instance: str
+) -> InstanceHeader:
+    """The identifying attributes, checked; reject what we cannot file."""
     missing = [tag for tag in _HEADER_TAGS[1:6] if not values[tag]]
     if missing:
         raise InvalidDatasetError(f"missing {', '.join(missing)}")
@@ -138,12 +158,37 @@ def read_header(
         series_uid=values["SeriesInstanceUID"],
         modality=values["Modality"][:16],
         view_position=values["ViewPosition"][:16],
-        transfer_syntax_uid=ts,
+        transfer_syntax_uid=transfer_syntax,
     )
 
 
+# Built once: per-instance statements with bound parameters skip SQLAlchemy's per-call
+# statement construction and cache-key work, which cost more than the commit itself.
+_STUDY_ID = select(Study.id).where(Study.study_uid == bindparam("b_uid"))
+_SERIES_ID = select(Series.id).where(Series.series_uid == bindparam("b_uid"))
+_INSTANCE = select(Instance.id, Instance.series_id).where(
+    Instance.sop_instance_uid == bindparam("b_uid")
+)
+_NEW_STUDY = insert(Study).returning(Study.id)
+_NEW_SERIES = insert(Series).returning(Series.id)
+_NEW_INSTANCE = insert(Instance)
+_UPDATE_INSTANCE = (
+    update(Instance)
+    .where(Instance.id == bindparam("b_id"))
+    .values(receive_count=Instance.receive_count + 1)
+)
+_BUMP_SERIES = (
+    update(Series)
+    .where(Series.id == bindparam("b_id"))
+    .values(
+        last_received_at=bindparam("b_now"),
+        instance_count=Series.instance_count + bindparam("b_added"),
+    )
+)
+
+
 def record_instance(
-    session: Session,
+    session: Session | Connection,
     header: InstanceHeader,
     path: Path,
     size: int,
@@ -153,133 +198,288 @@ def record_instance(
     """Upsert the study, series and instance rows; True when the instance is new.
 
     A second copy of the same SOP instance replaces the file and bumps
-    ``receive_count`` without counting twice in the series.
+    ``receive_count`` without counting twice in the series. Core statements, not ORM
+    objects: this runs once per received instance.
     """
-    study = session.scalar(select(Study).where(Study.study_uid == header.study_uid))
-    if study is None:
-        study = Study(study_uid=header.study_uid, created_at=now)
-        session.add(study)
-        session.flush()
-    series = session.scalar(select(Series).where(Series.series_uid == header.series_uid))
-    if series is None:
-        series = Series(
-            series_uid=header.series_uid,
-            study_id=study.id,
-            modality=header.modality,
-            calling_aet=calling_aet,
-            instance_count=0,
-            first_received_at=now,
-            last_received_at=now,
+    series_id = session.scalar(_SERIES_ID, {"b_uid": header.series_uid})
+    if series_id is None:  # a series' study exists once the series does
+        study_id = session.scalar(_STUDY_ID, {"b_uid": header.study_uid})
+        if study_id is None:
+            study_id = session.execute(
+                _NEW_STUDY, {"study_uid": header.study_uid, "created_at": now}
+            ).scalar_one()
+        series_id = session.execute(
+            _NEW_SERIES,
+            {
+                "series_uid": header.series_uid,
+                "study_id": study_id,
+                "modality": header.modality,
+                "calling_aet": calling_aet,
+                "instance_count": 0,
+                "first_received_at": now,
+                "last_received_at": now,
+            },
+        ).scalar_one()
+    existing = session.execute(_INSTANCE, {"b_uid": header.sop_instance_uid}).first()
+    values = {
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "view_position": header.view_position,
+        "path": str(path),
+        "size_bytes": size,
+        "received_at": now,
+        "series_id": series_id,
+    }
+    if existing is None:
+        session.execute(
+            _NEW_INSTANCE,
+            {
+                "sop_instance_uid": header.sop_instance_uid,
+                "sop_class_uid": header.sop_class_uid,
+                "receive_count": 1,
+                **values,
+            },
         )
-        session.add(series)
-        session.flush()
-    series.last_received_at = now
-    instance = session.scalar(
-        select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
-    )
-    if instance is None:
-        session.add(
-            Instance(
-                sop_instance_uid=header.sop_instance_uid,
-                series_id=series.id,
-                sop_class_uid=header.sop_class_uid,
-                transfer_syntax_uid=header.transfer_syntax_uid,
-                view_position=header.view_position,
-                path=str(path),
-                size_bytes=size,
-                received_at=now,
-                receive_count=1,
-            )
-        )
-        series.instance_count += 1
+        _bump_series(session, series_id, now, +1)
         return True
-    instance.receive_count += 1
-    instance.received_at = now
-    instance.size_bytes = size
-    instance.transfer_syntax_uid = header.transfer_syntax_uid
-    instance.view_position = header.view_position
-    instance.path = str(path)
-    if instance.series_id != series.id:
-        # the newest copy wins: the instance now belongs to the series it was last sent in
-        previous = session.get(Series, instance.series_id)
-        if previous is not None:
-            previous.instance_count -= 1
-        instance.series_id = series.id
-        series.instance_count += 1
-        eventlog.record(
-            session,
-            "instance-moved",
-            f"instance {header.sop_instance_uid} re-sent in another series",
-            now,
-            level="warning",
-            study_uid=header.study_uid,
-            series_uid=header.series_uid,
-        )
+    session.execute(_UPDATE_INSTANCE, {"b_id": existing.id, **values})
+    if existing.series_id == series_id:
+        _bump_series(session, series_id, now, 0)
+        return False
+    # the newest copy wins: the instance now belongs to the series it was last sent in
+    _bump_series(session, existing.series_id, None, -1)
+    _bump_series(session, series_id, now, +1)
+    eventlog.record(
+        session,
+        "instance-moved",
+        f"instance {header.sop_instance_uid} re-sent in another series",
+        now,
+        level="warning",
+        study_uid=header.study_uid,
+        series_uid=header.series_uid,
+    )
     return False
 
 
+def _bump_series(
+    session: Session | Connection, series_id: int, now: datetime | None, added: int
+) -> None:
+    if now is None:
+        session.execute(
+            update(Series)
+            .where(Series.id == series_id)
+            .values(instance_count=Series.instance_count + added)
+        )
+        return
+    session.execute(_BUMP_SERIES, {"b_id": series_id, "b_now": now, "b_added": added})
+
+
+@dataclass
+class _Pending:
+    header: InstanceHeader
+    path: Path
+    size: int
+    calling_aet: str
+    done: bool = False
+    error: PacsnodeError | None = None
+
+
+@dataclass
+class Recorder:
+    """Group commit: instances finishing at the same moment share one transaction.
+
+    Each caller still returns only after the commit holding its own row, so no
+    durability is traded away; concurrent associations just pay one WAL fsync
+    between them instead of one each. Whoever finds no commit running leads the next
+    one for everything queued; the others wait for it.
+    """
+
+    sessions: sessionmaker[Session]
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _queue: list[_Pending] = field(default_factory=list)
+    _leading: bool = False
+
+    def record(self, header: InstanceHeader, path: Path, size: int, calling_aet: str) -> None:
+        entry = _Pending(header, path, size, calling_aet)
+        with self._cond:
+            self._queue.append(entry)
+            while not entry.done and self._leading:
+                self._cond.wait()
+            if not entry.done:
+                self._leading = True
+                batch, self._queue = self._queue, []
+        if not entry.done:
+            try:
+                self._commit(batch)
+            finally:
+                with self._cond:
+                    self._leading = False
+                    self._cond.notify_all()
+        if entry.error is not None:
+            raise entry.error
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            self._transaction(batch)
+        except SQLAlchemyError as exc:
+            if len(batch) == 1 or isinstance(exc, OperationalError):
+                error = _database_error(exc)
+                for entry in batch:
+                    entry.error = error
+            else:  # one bad row must not fail its neighbours: retry them one by one
+                for entry in batch:
+                    try:
+                        self._transaction([entry])
+                    except SQLAlchemyError as single:
+                        entry.error = _database_error(single)
+        for entry in batch:
+            entry.done = True
+
+    def _transaction(self, batch: list[_Pending]) -> None:
+        now = utcnow()
+        with self.sessions.begin() as session:
+            connection = session.connection()  # Core on the connection: no ORM per statement
+            for entry in batch:
+                record_instance(
+                    connection, entry.header, entry.path, entry.size, entry.calling_aet, now
+                )
+
+
+def _database_error(exc: SQLAlchemyError) -> DatabaseUnavailableError:
+    reason = getattr(exc, "orig", None) or exc
+    return DatabaseUnavailableError(f"database unavailable: {reason}")
+
+
+class _Refused:
+    """An incoming dataset refused before its bytes arrive: they are read and dropped."""
+
+    def __init__(self, status: StoreStatus, comment: str) -> None:
+        self.status = status
+        self.comment = comment
+
+    def write(self, data: memoryview) -> None:
+        pass
+
+    def finish(self) -> tuple[int, str]:
+        return int(self.status), self.comment
+
+    def discard(self) -> None:
+        pass
+
+
+def part10_prefix(request: StoreRequest) -> bytes:
+    """Preamble, ``DICM`` and the file meta group (PS3.10 7.1) for a received dataset.
+
+    Encoded by hand: building it through pydicom cost more than the fsync per instance.
+    """
+
+    def element(elem: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+        if len(value) % 2:
+            value += pad
+        if vr == b"OB":
+            return struct.pack("<HH2s2xI", 0x0002, elem, vr, len(value)) + value
+        return struct.pack("<HH2sH", 0x0002, elem, vr, len(value)) + value
+
+    body = b"".join(
+        (
+            element(0x0001, b"OB", b"\x00\x01", b""),
+            element(0x0002, b"UI", request.sop_class_uid.encode(), b"\x00"),
+            element(0x0003, b"UI", request.sop_instance_uid.encode(), b"\x00"),
+            element(0x0010, b"UI", request.transfer_syntax_uid.encode(), b"\x00"),
+            element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode(), b"\x00"),
+            element(0x0013, b"SH", IMPLEMENTATION_VERSION.encode(), b" "),
+            element(0x0016, b"AE", request.calling_aet.encode("ascii", "replace"), b" ")
+            if request.calling_aet
+            else b"",
+        )
+    )
+    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"\x00" * 128 + b"DICM" + group_length + body
+
+
+class _IncomingInstance:
+    """One C-STORE dataset on its way into the spool."""
+
+    def __init__(self, handler: StoreHandler, request: StoreRequest) -> None:
+        self.handler = handler
+        self.request = request
+        self.file = IncomingFile(handler.spool_dir)
+        self.file.write(part10_prefix(request))
+        self.dataset_offset = self.file.size
+
+    def write(self, data: memoryview) -> None:
+        self.file.write(data)
+
+    def discard(self) -> None:
+        self.file.discard()
+
+    def finish(self) -> tuple[int, str]:
+        try:
+            header = self._store()
+        except PacsnodeError as exc:
+            self.file.discard()
+            status = store_status_for(exc)
+            log.warning(
+                "C-STORE from %s refused with 0x%04X: %s", self.request.calling_aet, status, exc
+            )
+            return int(status), str(exc)
+        self.handler.on_stored(header)
+        return int(StoreStatus.SUCCESS), ""
+
+    def _store(self) -> InstanceHeader:
+        request = self.request
+        self.file.sync()
+        values = header_values(self.file.path, self.dataset_offset, request.transfer_syntax_uid)
+        header = read_header(
+            values, request.transfer_syntax_uid, request.sop_class_uid, request.sop_instance_uid
+        )
+        final = spool_path(
+            self.handler.spool_dir, header.study_uid, header.series_uid, header.sop_instance_uid
+        )
+        self.file.publish(final)
+        self.handler.recorder.record(header, final, self.file.size, request.calling_aet)
+        return header
+
+
 class StoreHandler:
-    """Handles EVT_C_STORE; its dependencies come in through the constructor, not globals."""
+    """Turns C-STORE requests into spool files and rows; dependencies come in, no globals."""
 
     def __init__(
         self,
         spool_dir: Path,
         sessions: sessionmaker[Session],
-        on_stored: Callable[[], None] = lambda: None,
+        on_stored: Callable[[InstanceHeader], None] = lambda header: None,
     ) -> None:
         self.spool_dir = spool_dir
-        self.sessions = sessions
+        self.recorder = Recorder(sessions)
         self.on_stored = on_stored
 
-    def __call__(self, event: Event) -> Any:
-        request = cast(C_STORE, event.request)
-        calling_aet = str(event.assoc.requestor.ae_title).strip()
+    def begin(self, request: StoreRequest) -> _IncomingInstance | _Refused:
+        if not is_valid_uid(request.sop_class_uid):
+            return _Refused(StoreStatus.CANNOT_UNDERSTAND, "invalid Affected SOP Class UID")
+        if not is_valid_uid(request.sop_instance_uid):
+            return _Refused(
+                StoreStatus.MISSING_OR_INVALID_ATTRIBUTE, "invalid Affected SOP Instance UID"
+            )
         try:
-            stream = event.encoded_dataset(include_meta=False)
-            check_stream(stream, str(event.file_meta.TransferSyntaxUID))
-            encoded = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta), stream))
-            header = read_header(
-                encoded,
-                str(request.AffectedSOPClassUID),
-                str(request.AffectedSOPInstanceUID),
-            )
-            path = spool_path(
-                self.spool_dir, header.study_uid, header.series_uid, header.sop_instance_uid
-            )
-            write_durably(path, encoded)
-            try:
-                with self.sessions.begin() as session:
-                    record_instance(session, header, path, len(encoded), calling_aet, utcnow())
-            except OperationalError as exc:
-                raise DatabaseUnavailableError(f"database unavailable: {exc.orig}") from exc
+            return _IncomingInstance(self, request)
         except PacsnodeError as exc:
-            status = store_status_for(exc)
-            log.warning("C-STORE from %s refused with 0x%04X: %s", calling_aet, int(status), exc)
-            return status_dataset(status, str(exc))
-        self.on_stored()
-        return status_dataset(StoreStatus.SUCCESS)
+            log.warning("C-STORE from %s refused: %s", request.calling_aet, exc)
+            return _Refused(store_status_for(exc), str(exc))
 
 
-def _handle_echo(event: Event) -> int:
-    return 0x0000
-
-
-def build_ae(config: Config) -> AE:
-    """The application entity with our presentation contexts and access rules."""
+def acceptor_policy(config: Config) -> AcceptorPolicy:
+    """Our AE title, presentation contexts and access rules, from the config."""
     node = config.node
-    ae = AE(ae_title=node.ae_title)
-    ae.maximum_associations = node.max_associations
-    ae.maximum_pdu_size = node.max_pdu_size
-    ae.acse_timeout = node.acse_timeout
-    ae.dimse_timeout = node.dimse_timeout
-    ae.network_timeout = node.network_timeout
-    ae.require_called_aet = True
-    if node.allowed_calling_aets:
-        ae.require_calling_aet = list(node.allowed_calling_aets)
-    ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    for sop_class in STORAGE_SOP_CLASSES:
-        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
-    return ae
+    return AcceptorPolicy.with_contexts(
+        STORAGE_SOP_CLASSES,
+        TRANSFER_SYNTAXES,
+        ae_title=node.ae_title,
+        allowed_calling_aets=tuple(node.allowed_calling_aets),
+        max_pdu_size=node.max_pdu_size,
+        max_associations=node.max_associations,
+        acse_timeout=node.acse_timeout,
+        network_timeout=node.network_timeout,
+    )
 
 
 class Receiver:
@@ -289,11 +489,11 @@ class Receiver:
         self,
         config: Config,
         sessions: sessionmaker[Session],
-        on_stored: Callable[[], None] = lambda: None,
+        on_stored: Callable[[InstanceHeader], None] = lambda header: None,
     ) -> None:
         self.config = config
         self.handler = StoreHandler(config.storage.spool_dir, sessions, on_stored)
-        self.server: ThreadedAssociationServer | None = None
+        self.server: StoreServer | None = None
 
     def initialize(self) -> None:
         spool = self.config.storage.spool_dir
@@ -301,17 +501,14 @@ class Receiver:
         removed = sweep_temp_files(spool)
         if removed:
             log.warning("removed %d partial files left in %s by an earlier crash", removed, spool)
-        ae = build_ae(self.config)
-        self.server = ae.start_server(
-            (self.config.node.host, self.config.node.port),
-            block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self.handler), (evt.EVT_C_ECHO, _handle_echo)],
-        )
+        server = StoreServer(acceptor_policy(self.config), self.handler)
+        server.start(self.config.node.host, self.config.node.port)
+        self.server = server
         log.info(
             "receiver %s listening on %s:%d",
             self.config.node.ae_title,
             self.config.node.host,
-            self.config.node.port,
+            server.port,
         )
 
     def shutdown(self) -> None:

@@ -23,7 +23,7 @@ from pacsnode.config import Config
 from pacsnode.db import make_engine, make_sessionmaker, upgrade, utcnow
 from pacsnode.dispatch import Dispatcher
 from pacsnode.manifest import Manifest, load_enabled
-from pacsnode.receiver import Receiver
+from pacsnode.receiver import InstanceHeader, Receiver
 from pacsnode.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,17 @@ class Loop:
             self.wake.wait(self.idle())
 
 
+def _wake_for_immediate(wake: threading.Event) -> Callable[[InstanceHeader], None]:
+    """A radiograph is complete once stored: wake intake at once. A CT series waits for
+    its quiet period, which intake's own timer covers, so its slices wake nobody."""
+
+    def on_stored(header: InstanceHeader) -> None:
+        if header.modality in completion.IMMEDIATE_MODALITIES:
+            wake.set()
+
+    return on_stored
+
+
 class Node:
     """The whole node in one process; ``components`` selects the parts to run."""
 
@@ -124,7 +135,9 @@ class Node:
             wake_worker = worker_loop.wake.set if worker_loop else (lambda: None)
             intake_loop = Loop("intake", intake.loop, intake.wait_hint, after=wake_worker)
             self.loops.append(intake_loop)
-            self.receiver = Receiver(self.config, self.sessions, on_stored=intake_loop.wake.set)
+            self.receiver = Receiver(
+                self.config, self.sessions, on_stored=_wake_for_immediate(intake_loop.wake)
+            )
         self.loops += [loop for loop in (worker_loop, dispatch_loop) if loop is not None]
         for loop in self.loops:
             loop.thread = threading.Thread(

@@ -75,6 +75,72 @@ def write_durably(final: Path, data: bytes | memoryview) -> None:
         raise SpoolError(f"cannot write {final}: {exc.strerror or exc}") from exc
 
 
+INCOMING_DIR = ".incoming"
+
+
+class IncomingFile:
+    """A file written as its bytes arrive, published under its final name only once complete.
+
+    The receiver does not know an instance's study and series (its folder) until the
+    whole header is in, so the file grows in ``<spool>/.incoming`` and is renamed into
+    place after fsync. Until :meth:`publish` returns, a crash leaves only a stray
+    ``.tmp`` that :func:`sweep_temp_files` removes.
+    """
+
+    def __init__(self, spool_dir: Path) -> None:
+        folder = spool_dir / INCOMING_DIR
+        self.path = folder / f".{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        self.size = 0
+        try:
+            if not folder.exists():
+                _make_dirs(folder)
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as exc:
+            raise SpoolError(f"cannot create a file in {folder}: {exc.strerror or exc}") from exc
+
+    def write(self, data: bytes | memoryview) -> None:
+        assert self._fd is not None, "write after sync"
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+                self.size += written
+        except OSError as exc:
+            self.discard()
+            raise SpoolError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+
+    def sync(self) -> None:
+        """fsync and close; the bytes are durable, the name not yet."""
+        assert self._fd is not None, "sync twice"
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self.discard()
+            raise SpoolError(f"cannot fsync {self.path}: {exc.strerror or exc}") from exc
+        os.close(self._fd)
+        self._fd = None
+
+    def publish(self, final: Path) -> None:
+        """Rename into ``final`` (replacing an older copy) and fsync its folder."""
+        assert self._fd is None, "publish before sync"
+        try:
+            _make_dirs(final.parent)
+            os.replace(self.path, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            self.discard()
+            raise SpoolError(f"cannot move into {final}: {exc.strerror or exc}") from exc
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
 def sweep_temp_files(root: Path) -> int:
     """Remove temp files left by a crash mid-write; returns how many."""
     removed = 0

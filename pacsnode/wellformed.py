@@ -38,19 +38,24 @@ class MalformedStreamError(InvalidDatasetError):
     """The encoded dataset's element lengths do not add up."""
 
 
-def check_stream(data: bytes | memoryview, transfer_syntax: str) -> None:
+def check_stream(
+    data: bytes | memoryview, transfer_syntax: str, collect: dict[int, bytes] | None = None
+) -> bool:
     """Raise :class:`MalformedStreamError` naming the element whose length overruns the stream.
 
-    Deflated and big-endian streams are left to the parser.
+    Values of the top-level elements whose tags are keys of ``collect`` are stored in it
+    on the way, so the receiver needs no second parse for its header. Deflated and
+    big-endian streams are left to the parser: returns False for them, True when walked.
     """
     explicit = transfer_syntax != ImplicitVRLittleEndian
     if transfer_syntax not in _CHECKED and not transfer_syntax.startswith(
         _ENCAPSULATED_TS_PREFIXES
     ):
-        return
-    end = _walk(memoryview(data), 0, len(data), explicit, stop=None)
+        return False
+    end = _walk(memoryview(data), 0, len(data), explicit, stop=None, collect=collect)
     if end != len(data):
         raise MalformedStreamError(f"{len(data) - end} stray bytes after the last element")
+    return True
 
 
 def _header(buf: memoryview, pos: int, limit: int, explicit: bool) -> tuple[bytes, int, int]:
@@ -72,7 +77,12 @@ def _fits(what: str, length: int, pos: int, limit: int) -> None:
 
 
 def _walk(
-    buf: memoryview, pos: int, limit: int, explicit: bool, stop: tuple[int, int] | None
+    buf: memoryview,
+    pos: int,
+    limit: int,
+    explicit: bool,
+    stop: tuple[int, int] | None,
+    collect: dict[int, bytes] | None = None,
 ) -> int:
     """Walk elements from ``pos`` to ``limit`` or past the ``stop`` delimiter."""
     while pos < limit:
@@ -89,6 +99,8 @@ def _walk(
             pos = _items(buf, pos, limit, explicit and vr != b"UN", name, True, not pixels)
             continue
         _fits(name, length, pos, limit)
+        if collect is not None and (tag[0] << 16 | tag[1]) in collect:
+            collect[tag[0] << 16 | tag[1]] = bytes(buf[pos : pos + length])
         if vr == b"SQ":
             _items(buf, pos, pos + length, explicit, name, False, True)
         pos += length
