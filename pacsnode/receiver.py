@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacsnode import eventlog
 from pacsnode.config import Config
 from pacsnode.db import utcnow
-from pacsnode.errors import InvalidDatasetError, PacsnodeError
+from pacsnode.errors import InvalidDatasetError, PacsnodeError, SpoolError
 from pacsnode.spool import IncomingFile, is_valid_uid, spool_path, sweep_temp_files
 from pacsnode.status import (
     DatabaseUnavailableError,
@@ -403,17 +403,24 @@ class _IncomingInstance:
         self.handler = handler
         self.request = request
         self.file = IncomingFile(handler.spool_dir)
+        self.error: SpoolError | None = None
         self.file.write(part10_prefix(request))
         self.dataset_offset = self.file.size
 
     def write(self, data: memoryview) -> None:
-        self.file.write(data)
+        if self.error is None:
+            try:
+                self.file.write(data)
+            except SpoolError as exc:  # disk full mid-dataset: drop the rest, answer at the end
+                self.error = exc
 
     def discard(self) -> None:
         self.file.discard()
 
     def finish(self) -> tuple[int, str]:
         try:
+            if self.error is not None:
+                raise self.error
             header = self._store()
         except PacsnodeError as exc:
             self.file.discard()

@@ -195,7 +195,7 @@ def encode_command(
         return struct.pack("<HHI", 0x0000, elem, len(value)) + value
 
     def uid(value: str) -> bytes:
-        raw = value.encode("ascii")
+        raw = value.encode("ascii", "replace")
         return raw + b"\x00" if len(raw) % 2 else raw
 
     body = [element(0x0002, uid(sop_class_uid))]
@@ -259,10 +259,12 @@ class StoreServer:
                 conn, address = self._listener.accept()
             except TimeoutError:
                 continue
-            except OSError:
+            except OSError as exc:
                 if self._stop.is_set():
                     return
-                raise
+                log.error("accept failed (%s); retrying", exc)  # e.g. EMFILE under load
+                self._stop.wait(0.1)
+                continue
             conn.settimeout(self.policy.acse_timeout)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
@@ -365,7 +367,8 @@ class Association:
     def negotiate(self) -> bool:
         pdu_type, length = self._read_pdu_header()
         if pdu_type != 0x01:
-            raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
+            reason = ABORT_UNEXPECTED_PDU if 0x02 <= pdu_type <= 0x07 else ABORT_UNRECOGNIZED_PDU
+            raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}", reason)
         if length > _MAX_ASSOCIATE_RQ:
             raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes", ABORT_INVALID_PARAMETER)
         raw = _PDU_HEADER.pack(pdu_type, length) + _read_exact(self.stream, length)
