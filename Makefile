@@ -7,7 +7,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests talk to: dcmtk (storescu/echoscu/dsr2html), Orthanc, dicom3tools (dciodvfy)
 SYSTEM_TOOLS := storescu:dcmtk echoscu:dcmtk dsr2html:dcmtk dcmj2pnm:dcmtk Orthanc:orthanc dciodvfy:dicom3tools
 
-.PHONY: run test install install-test system-deps lint typecheck weights clean
+.PHONY: run test bench install install-test system-deps lint typecheck weights clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ typecheck: install-test
 
 test: install-test system-deps lint typecheck
 	$(BIN)/pytest -q
+
+# Speed against references measured in the same run (see benchmarks/ and the README table)
+bench: install-test system-deps
+	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python benchmarks/inference.py
 
 # Retrain the demo chest X-ray weights on synthetic phantoms (see models/cxr-chexnet/MODEL_CARD.md)
 weights: install

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the real-peer helpers the test suite uses
 
 from nodeproc import NodeProcess  # noqa: E402
-from peers import LOOPBACK, dcmtk_env, find_binary, free_port  # noqa: E402
+from peers import LOOPBACK, Orthanc, dcmtk_env, find_binary, free_port  # noqa: E402
 
 from pacsnode.uids import derive_uid  # noqa: E402
 
@@ -28,6 +28,7 @@ __all__ = [
     "LOOPBACK",
     "REPO",
     "NodeProcess",
+    "Orthanc",
     "alternate",
     "dcmtk_env",
     "find_binary",
