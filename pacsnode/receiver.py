@@ -37,7 +37,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     RLELossless,
 )
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, insert, select, update
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -336,8 +336,8 @@ class Recorder:
 
     def _transaction(self, batch: list[_Pending]) -> None:
         now = utcnow()
-        with self.sessions.begin() as session:
-            connection = session.connection()  # Core on the connection: no ORM per statement
+        engine: Engine = self.sessions.kw["bind"]
+        with engine.begin() as connection:  # Core on a bare connection: no ORM session cost
             for entry in batch:
                 record_instance(
                     connection, entry.header, entry.path, entry.size, entry.calling_aet, now
