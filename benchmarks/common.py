@@ -13,12 +13,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the real-peer helpers the test suite uses
 
+from dicomgen import image_dataset, save  # noqa: E402
 from nodeproc import NodeProcess  # noqa: E402
 from peers import LOOPBACK, Orthanc, dcmtk_env, find_binary, free_port  # noqa: E402
 
@@ -82,38 +81,19 @@ def write_ct_series(
     for index in range(slices):
         pixels = np.where(body, 1064, 24).astype(np.int16)
         pixels += rng.integers(-20, 20, size=(size, size), dtype=np.int16)
-        ds = Dataset()
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = derive_uid("bench-instance", seed, str(index))
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.Modality = "CT"
-        ds.PatientName = "Bench^Ingest"
-        ds.PatientID = "BENCH1"
-        ds.StudyDate = "20260101"
-        ds.SeriesNumber = 1
+        ds = image_dataset(
+            study_uid=study_uid, series_uid=series_uid, size=size, position_z=-index * thickness
+        )
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = derive_uid(
+            "bench-instance", seed, str(index)
+        )
+        ds.PatientName, ds.PatientID = "Bench^Ingest", "BENCH1"
         ds.InstanceNumber = index + 1
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.ImagePositionPatient = [-175.0, -175.0, -index * thickness]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
         ds.PixelSpacing = [350.0 / size, 350.0 / size]
         ds.SliceThickness = thickness
-        ds.Rows = ds.Columns = size
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.RescaleIntercept = -1024
-        ds.RescaleSlope = 1
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 15, 1
         ds.PixelData = pixels.tobytes()
-        meta = FileMetaDataset()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta = meta
-        path = folder / f"ct{index:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
+        paths.append(save(ds, folder / f"ct{index:04d}.dcm"))
     return paths

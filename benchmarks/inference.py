@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from common import REPO, median
+from pydicom import dcmread
 from sqlalchemy import select
 
 from pacsnode import queue
@@ -54,8 +55,6 @@ device = "{device}"
     upgrade(engine)
     sessions = make_sessionmaker(engine)
     phantoms = write_phantom_set(work / "phantoms", 900_000, images, rows=size, cols=size)
-    from pydicom import dcmread
-
     now = utcnow()
     with sessions.begin() as session:
         for path, _labels in phantoms:
