@@ -88,7 +88,6 @@ TRANSFER_SYNTAXES = [
 ]
 
 _HEADER_TAGS = [
-    "SpecificCharacterSet",
     "SOPClassUID",
     "SOPInstanceUID",
     "StudyInstanceUID",
@@ -139,7 +138,7 @@ def read_header(
     values: dict[str, str], transfer_syntax: str, request_sop_class: str, request_sop_instance: str
 ) -> InstanceHeader:
     """The identifying attributes, checked; reject what we cannot file."""
-    missing = [tag for tag in _HEADER_TAGS[1:6] if not values[tag]]
+    missing = [tag for tag in _HEADER_TAGS[:5] if not values[tag]]
     if missing:
         raise InvalidDatasetError(f"missing {', '.join(missing)}")
     for tag in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from pydicom.dataset import Dataset
-
 from pacsnode.errors import InvalidDatasetError, PacsnodeError, SpoolError
 from pacsnode.wellformed import MalformedStreamError
 
@@ -54,12 +52,3 @@ def store_status_for(exc: PacsnodeError) -> StoreStatus:
         if isinstance(exc, kind):
             return status
     return StoreStatus.CANNOT_UNDERSTAND
-
-
-def status_dataset(status: StoreStatus, comment: str = "") -> Dataset:
-    """A C-STORE response with ``ErrorComment`` (limited to 64 characters, LO)."""
-    ds = Dataset()
-    ds.Status = int(status)
-    if comment:
-        ds.ErrorComment = comment[:64]
-    return ds
