@@ -32,5 +32,9 @@ class InputError(PacsnodeError):
     """
 
 
+class VolumeError(InputError):
+    """A CT series cannot be assembled into one volume (gap, mixed orientation, tilt...)."""
+
+
 class DeliveryError(PacsnodeError):
     """A destination refused or could not be reached."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydicom.sr.coding import Code
@@ -41,6 +42,8 @@ class LabelSpec(_Strict):
     reported: bool = False
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     code: CodeSpec | None = None
+    level: Literal["image", "exam"] = "image"
+    """``image``: one value per image or slice; ``exam``: one value per series (CT PE exam labels)."""
 
     @model_validator(mode="after")
     def _reported_needs_code(self) -> LabelSpec:
@@ -49,12 +52,24 @@ class LabelSpec(_Strict):
         return self
 
 
+class CtCriteria(_Strict):
+    """Which CT series of a study a volume model accepts (see :mod:`pacsnode.selection`)."""
+
+    max_slice_thickness_mm: float = Field(3.0, gt=0)
+    body_parts: list[str] = []  # empty: any; "" in the list admits a missing BodyPartExamined
+    require_contrast: bool = False
+    """Refuse a series whose header says no contrast was given; a silent header is accepted."""
+    min_slices: int = Field(20, ge=2)
+
+
 class Accepts(_Strict):
     """What the router may send to this model."""
 
     modalities: list[str]
     sop_classes: list[str] = []
     view_positions: list[str] = []  # empty: any; "" in the list admits a missing ViewPosition
+    ct: CtCriteria | None = None
+    """Set for volume models: one series per study is selected by :mod:`pacsnode.selection`."""
 
 
 class InputSpec(_Strict):
@@ -62,6 +77,8 @@ class InputSpec(_Strict):
     channels: int = 3
     mean: list[float] = [0.485, 0.456, 0.406]
     std: list[float] = [0.229, 0.224, 0.225]
+    window_center: float | None = None  # CT models: HU window applied before the network
+    window_width: float | None = None
 
 
 class WeightsSpec(_Strict):
@@ -92,6 +109,14 @@ class Manifest(_Strict):
     @property
     def reported_labels(self) -> list[LabelSpec]:
         return [label for label in self.labels if label.reported]
+
+    @property
+    def exam_labels(self) -> list[LabelSpec]:
+        return [label for label in self.labels if label.level == "exam"]
+
+    @property
+    def image_labels(self) -> list[LabelSpec]:
+        return [label for label in self.labels if label.level == "image"]
 
 
 def load_manifest(model_dir: Path) -> Manifest:

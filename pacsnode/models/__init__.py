@@ -8,16 +8,19 @@ import torch
 
 from pacsnode.errors import ManifestError
 from pacsnode.manifest import load_manifest
-from pacsnode.models.base import ImageClassifier
+from pacsnode.models.base import ImageClassifier, VolumeClassifier
+
+Model = ImageClassifier | VolumeClassifier
 
 
-def _implementations() -> dict[str, type[ImageClassifier]]:
+def _implementations() -> dict[str, type[ImageClassifier] | type[VolumeClassifier]]:
     from pacsnode.models.cxr import ChexNetClassifier
+    from pacsnode.models.pe import PEClassifier
 
-    return {"cxr-densenet121": ChexNetClassifier}
+    return {"cxr-densenet121": ChexNetClassifier, "ct-pe-2d-gru": PEClassifier}
 
 
-def load_model(model_dir: Path, device: torch.device) -> ImageClassifier:
+def load_model(model_dir: Path, device: torch.device) -> Model:
     """Load the model in ``model_dir`` with the implementation its manifest names."""
     manifest = load_manifest(model_dir)
     impls = _implementations()

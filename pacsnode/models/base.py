@@ -11,6 +11,7 @@ import torch
 from pydicom.dataset import Dataset
 
 from pacsnode.manifest import Manifest
+from pacsnode.volumes import Volume
 
 
 @dataclass(frozen=True)
@@ -45,3 +46,43 @@ class ImageClassifier(ABC):
 def default_device() -> torch.device:
     """CUDA when present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class SliceScore:
+    """The per-slice probability of a volume model for one source frame."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    frame: int | None  # 1-based frame of a multi-frame instance; None for single-frame
+    probability: float
+
+
+@dataclass(frozen=True)
+class SeriesResult:
+    """A volume model's output for one series: per-slice and exam-level probabilities.
+
+    ``slices`` are in canonical volume order (superior to inferior); ``exam`` holds every
+    ``level = "exam"`` label of the manifest, already made consistent by the model.
+    """
+
+    series_uid: str
+    image_label: str  # the manifest's image-level label, e.g. "pe_present_on_image"
+    slices: tuple[SliceScore, ...]
+    exam: dict[str, float]
+
+
+class VolumeClassifier(ABC):
+    """A warm model that reads a whole CT volume and classifies the exam (the PE model is one)."""
+
+    manifest: Manifest
+    device: torch.device
+
+    @classmethod
+    @abstractmethod
+    def load(cls, model_dir: Path, device: torch.device) -> VolumeClassifier:
+        """Load the manifest and verified weights from ``model_dir`` onto ``device``."""
+
+    @abstractmethod
+    def classify(self, volume: Volume) -> SeriesResult:
+        """Classify one canonical-orientation volume (see :mod:`pacsnode.volumes`)."""
