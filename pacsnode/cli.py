@@ -185,7 +185,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
 def jobs(
     ctx: click.Context, state: str | None, study_uid: str | None, limit: int, as_json: bool
 ) -> None:
-    """Jobs, newest first, and for a study the models that declined it and why."""
+    """Jobs, newest first; with --study, every routing decision for the study and its reason.
+
+    For CT volume models that is the series selection: which series was chosen and why
+    each other series (scout, thick slices, lung kernel...) was not.
+    """
     with _session(ctx) as s:
         query = (
             select(Job, Series, Study)
@@ -210,23 +214,39 @@ def jobs(
             }
             for job, series, study in s.execute(query.order_by(Job.id.desc()).limit(limit))
         ]
-        declined = []
+        routing = []
         if study_uid:
-            declined = [
-                {"series": series.series_uid, "model": d.model_name, "reason": d.reason}
+            routing = [
+                {
+                    "series": series.series_uid,
+                    "modality": series.modality,
+                    "model": d.model_name,
+                    "accepted": d.accepted,
+                    "reason": d.reason,
+                }
                 for d, series in s.execute(
                     select(RoutingDecision, Series)
                     .join(Series, RoutingDecision.series_id == Series.id)
                     .join(Study, Series.study_id == Study.id)
-                    .where(Study.study_uid == study_uid, RoutingDecision.accepted.is_(False))
+                    .where(Study.study_uid == study_uid)
+                    .order_by(RoutingDecision.model_name, Series.id)
                 )
             ]
     if as_json:
-        click.echo(json.dumps({"jobs": rows, "declined": declined}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "jobs": rows,
+                    "routing": routing,
+                    "declined": [r for r in routing if not r["accepted"]],
+                },
+                indent=2,
+            )
+        )
         return
     _emit(rows, False, "jobs")
     if study_uid:
-        _emit(declined, False, "declined")
+        _emit(routing, False, "routing decisions")
 
 
 @main.command()
