@@ -1,11 +1,15 @@
-"""Structured Report writer: per-image classifier probabilities as a TID 1500 Measurement Report.
+"""Structured Report writers: classifier probabilities as TID 1500 Measurement Reports.
 
 One SR document per (source series, model name, model version). It lives in the source
 study, in a new series whose UIDs are derived from those three values (:func:`result_uids`),
 so resending the same series replaces the earlier report at the PACS instead of adding a
-second one.
+second one. Two writers share everything but the measurement groups:
 
-Document layout (TID 1500 "Imaging Measurement Report")::
+* :func:`build_measurement_report` -- an image classifier (chest X-ray): one group per image.
+* :func:`build_series_report` -- a volume classifier (CT pulmonary embolism): the exam labels
+  and a summary of the per-slice probabilities of the series.
+
+Image classifier layout (TID 1500 "Imaging Measurement Report")::
 
     Language; Observation Context (device observer = the model, run by pacsnode);
     Procedure Reported = SCT 399208008 "Plain chest X-ray" (overridable)
@@ -17,6 +21,37 @@ Document layout (TID 1500 "Imaging Measurement Report")::
         per reported label, in manifest order:
           CODE  <label code> = SCT Present / SCT Absent (probability >= label threshold)
         Source of Measurement -> the image (SOP class + instance)
+
+Volume classifier layout (same header; the evidence lists every instance of the series)::
+
+    Procedure Reported = 99PACSNODE "CT pulmonary angiography" (overridable; see
+                         CT_PULMONARY_ANGIOGRAPHY)
+    Imaging Measurements
+      Measurement Group (TID 1501) "exam findings"; no source image, so it is about the
+      whole series (PS3.16 TID 1501: the evidence images are the source)
+        Tracking Identifier, Algorithm Identification
+        per reported exam label, in manifest order:
+          NUM   <label code> = probability, UCUM "1", with TID 4019
+        per reported exam label, in manifest order:
+          CODE  <label code> = SCT Present / SCT Absent (probability >= label threshold)
+      Measurement Group (TID 1501) "slice findings" (when the image label is reported)
+        Tracking Identifier, Algorithm Identification
+        NUM   99PACSNODE pos-slices "Number of positive slices" = n, UCUM "{slices}", TID 4019
+        NUM   <image label code> = highest slice probability, UCUM "1", TID 4019,
+              Derivation SCT 56851009 "Maximum", Source of Measurement -> that slice
+        when n > 0, for the most superior and then the most inferior positive slice:
+          NUM 99PACSNODE pos-sup-z / pos-inf-z = z of its ImagePositionPatient, UCUM "mm"
+          NUM 99PACSNODE pos-sup-instance / pos-inf-instance = its InstanceNumber,
+              UCUM "{instance}" (single-frame sources only)
+          each with Source of Measurement -> that slice (with the frame, if multi-frame)
+        Source of Measurement (group) -> the highest-probability slice, where a viewer
+        that follows TID 1501 opens the series
+
+A slice is *positive* when its probability is at least the image label's threshold. The
+range is the extent from the first to the last positive slice in anatomical order
+(superior to inferior); slices in between may be negative. Instance numbers and z (mm,
+patient LPS, larger is more superior) are what a radiologist reads off the viewer's overlay
+to scroll there. Numbers whose unit is UCUM "1" are always probabilities.
 
 The SOP class is **Enhanced SR**: the content has no spatial coordinates, and Enhanced SR is
 the least capable SOP class that holds it, which makes it the one most PACS and viewers
@@ -37,16 +72,21 @@ Everything is built by highdicom constructors and never patched afterwards. Two 
   Equipment item) and offers no parameter for them. Every other byte -- UIDs, content,
   ``ContentDate``/``ContentTime``/``SeriesDate``/``SeriesTime`` (taken from ``now``) --
   is a function of the inputs.
+
+Codes of the private scheme ``99PACSNODE`` (the manifest's and :data:`LOCAL_CODES`) are
+declared in the Coding Scheme Identification Sequence of the documents that use them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 
 import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.enum import SpecificCharacterSetValues
 from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
@@ -56,11 +96,21 @@ from pydicom.sr.coding import Code
 from pacsnode import __version__
 from pacsnode.errors import InvalidDatasetError
 from pacsnode.manifest import LabelSpec, Manifest
-from pacsnode.models.base import ImageResult
+from pacsnode.models.base import ImageResult, SeriesResult, SliceScore
 from pacsnode.uids import derive_uid
 
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
 """Default "Procedure Reported" (CID 100 is extensible; it has no chest radiograph entry)."""
+
+CT_PULMONARY_ANGIOGRAPHY = Code(
+    "ct-pulmonary-angiography", "99PACSNODE", "CT pulmonary angiography"
+)
+"""Default "Procedure Reported" of the CT PE report: a local code on purpose.
+
+CID 100 has no CT angiography entry, and the only SNOMED CT identifier we found for it is a
+US-extension concept we could not verify in an official browser; a wrong public code is
+worse than an honest local one. Sites that have a verified code pass ``procedure_reported``.
+"""
 
 MANUFACTURER = "pacsnode"
 DEMO_DISCLAIMER = "DEMO, synthetic-trained, not for clinical use"
@@ -73,7 +123,32 @@ ENGLISH = hd.sr.CodedConcept(
 PROBABILITY_UNIT = codes.UCUM.NoUnits
 """UCUM ``1`` "no units" (CID 7181): a probability is a dimensionless number in [0, 1]."""
 
-_LONG_STRING_MAX = 64
+LOCAL_SCHEME = "99PACSNODE"
+"""Private coding scheme (PS3.16 8.2: "99" prefix) for concepts no public scheme has."""
+
+POSITIVE_SLICE_COUNT = Code("pos-slices", LOCAL_SCHEME, "Number of positive slices")
+SUPERIOR_POSITIVE_Z = Code("pos-sup-z", LOCAL_SCHEME, "Most superior positive slice, z position")
+INFERIOR_POSITIVE_Z = Code("pos-inf-z", LOCAL_SCHEME, "Most inferior positive slice, z position")
+SUPERIOR_POSITIVE_INSTANCE = Code(
+    "pos-sup-instance", LOCAL_SCHEME, "Most superior positive slice, instance number"
+)
+INFERIOR_POSITIVE_INSTANCE = Code(
+    "pos-inf-instance", LOCAL_SCHEME, "Most inferior positive slice, instance number"
+)
+LOCAL_CODES = (
+    POSITIVE_SLICE_COUNT,
+    SUPERIOR_POSITIVE_Z,
+    INFERIOR_POSITIVE_Z,
+    SUPERIOR_POSITIVE_INSTANCE,
+    INFERIOR_POSITIVE_INSTANCE,
+)
+SLICES_UNIT = Code("{slices}", "UCUM", "slices")
+"""A count of slices: UCUM ``1`` with an annotation, so it is never taken for a probability."""
+INSTANCE_NUMBER_UNIT = Code("{instance}", "UCUM", "instance number")
+MILLIMETRE = codes.UCUM.Millimeter
+
+LONG_STRING_MAX = 64
+"""Characters of a LO value (SeriesDescription, ManufacturerModelName, Code Meaning)."""
 
 # Type 1/2 attributes highdicom reads from the first source without checking.
 _REQUIRED_SOURCE_ATTRIBUTES = (
@@ -105,22 +180,171 @@ _SR_READERS: dict[
 }
 
 
-def result_uids(source_series_uid: str, manifest: Manifest) -> tuple[str, str]:
-    """Return ``(SeriesInstanceUID, SOPInstanceUID)`` of the SR for this series and model.
+def result_uids(source_series_uid: str, manifest: Manifest, kind: str = "sr") -> tuple[str, str]:
+    """Return ``(SeriesInstanceUID, SOPInstanceUID)`` of the ``kind`` document for this series.
 
-    Derived from the source series and the model's name and version only, so a resend
-    of the series replaces the earlier SR; a new model version gives a new series.
+    ``kind`` is ``"sr"`` for the report, ``"ko"`` for the key images. Derived from the source
+    series, the model's name and version and ``kind`` only, so a resend of the series
+    replaces the earlier document, a new model version gives a new series, and each kind
+    of document has a series of its own.
     """
-    base = (source_series_uid, manifest.name, manifest.version, "sr")
+    base = (source_series_uid, manifest.name, manifest.version, kind)
     return derive_uid(*base, "series"), derive_uid(*base, "instance")
 
 
-def series_description(manifest: Manifest) -> str:
-    """SeriesDescription of the SR series; says plainly when the model is a synthetic demo."""
+def series_description(manifest: Manifest, what: str = "") -> str:
+    """SeriesDescription of a result series (``what``: e.g. "key images"); says plainly when
+    the model is a synthetic demo."""
+    subject = f"{manifest.name} {what}" if what else manifest.name
     if manifest.synthetic:
-        text = f"AI {manifest.name} ({DEMO_DISCLAIMER})"
-        return text if len(text) <= _LONG_STRING_MAX else f"AI ({DEMO_DISCLAIMER})"
-    return f"AI {manifest.name} {manifest.version}"[:_LONG_STRING_MAX]
+        text = f"AI {subject} ({DEMO_DISCLAIMER})"
+        if len(text) <= LONG_STRING_MAX:
+            return text
+        return f"AI {what} ({DEMO_DISCLAIMER})" if what else f"AI ({DEMO_DISCLAIMER})"
+    return f"AI {subject} {manifest.version}"[:LONG_STRING_MAX]
+
+
+def software_versions(manifest: Manifest) -> str:
+    """SoftwareVersions of a result document: pacsnode's and the model's."""
+    return f"pacsnode {__version__}; {manifest.name} {manifest.version}"[:LONG_STRING_MAX]
+
+
+def device_observer_context(manifest: Manifest) -> hd.sr.ObserverContext:
+    """The model as the observing device (TID 1004); its UID is derived from name and version."""
+    name = manifest.name
+    if manifest.synthetic:
+        name = f"{name} ({DEMO_DISCLAIMER})"
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=derive_uid(manifest.name, manifest.version, "device-observer"),
+        name=name,
+        manufacturer_name=MANUFACTURER,
+        model_name=f"{manifest.name} {manifest.version}",
+    )
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=device,
+    )
+
+
+def check_sources(sources: Sequence[Dataset], document: str) -> Dataset:
+    """Return the first source after checking all are of one series and it carries what
+    the ``document`` ("SR", "KOS") copies from it."""
+    first = sources[0]
+    missing = [kw for kw in _REQUIRED_SOURCE_ATTRIBUTES if kw not in first]
+    if missing:
+        raise InvalidDatasetError(
+            f"instance {first.get('SOPInstanceUID', '?')}: missing {', '.join(missing)}; "
+            f"cannot carry patient and study into the {document}"
+        )
+    series_uid = str(first.SeriesInstanceUID)
+    for ds in sources[1:]:
+        if ds.get("SeriesInstanceUID") != series_uid:
+            raise ValueError(
+                f"sources: instance {ds.get('SOPInstanceUID', '?')} is in series "
+                f"{ds.get('SeriesInstanceUID')}, not {series_uid}; one {document} covers one series"
+            )
+    return first
+
+
+def document_character_set(
+    source: Dataset, manifest: Manifest, texts: Iterable[str] = ()
+) -> str | None:
+    """Specific Character Set of a result document of ``source`` (see
+    :func:`build_measurement_report`); ``texts``: more of our own strings it will hold."""
+    return _character_set(source, [*_own_text(manifest), *texts])
+
+
+@dataclass(frozen=True)
+class ScoredSlice:
+    """One slice of a :class:`SeriesResult`, with the source header it came from."""
+
+    index: int  # 0-based position in ``SeriesResult.slices`` (superior to inferior)
+    score: SliceScore
+    source: Dataset
+
+    @property
+    def probability(self) -> float:
+        return self.score.probability
+
+    @property
+    def frames(self) -> list[int] | None:
+        """``[frame]`` for a multi-frame source, else None (highdicom's referenced frames)."""
+        return [self.score.frame] if _is_multiframe(self.source) and self.score.frame else None
+
+    @property
+    def z(self) -> float | None:
+        """z (mm, LPS) of the slice's ImagePositionPatient, when the header has it."""
+        position = _frame_position(self.source, self.score.frame)
+        if position is None:
+            return None
+        try:
+            return float(position[2])
+        except (IndexError, TypeError, ValueError):
+            return None
+
+    @property
+    def instance_number(self) -> int | None:
+        """InstanceNumber of a single-frame source (a multi-frame one's is not the slice's)."""
+        if _is_multiframe(self.source):
+            return None
+        value = self.source.get("InstanceNumber")
+        try:
+            return None if value in (None, "") else int(value)
+        except (TypeError, ValueError):
+            return None
+
+    def describe(self) -> str:
+        """How a radiologist finds the slice: "image 12 (z -40.0 mm)", "frame 7 of <uid>"."""
+        if self.frames is not None:
+            where = f"frame {self.score.frame} of instance {self.score.sop_instance_uid}"
+        elif self.instance_number is not None:
+            where = f"image {self.instance_number}"
+        else:
+            where = f"instance {self.score.sop_instance_uid}"
+        z = self.z
+        return where if z is None else f"{where} (z {z:.1f} mm)"
+
+
+def match_slices(
+    sources: Sequence[Dataset], result: SeriesResult, manifest: Manifest
+) -> tuple[LabelSpec, list[ScoredSlice]]:
+    """Return the image label of ``result`` and its slices, each matched to its source.
+
+    Sources may hold instances the model did not score (a localizer the volume left out);
+    every scored slice must have a source. Raises ValueError naming the culprit.
+    """
+    series_uid = str(sources[0].SeriesInstanceUID)
+    if result.series_uid != series_uid:
+        raise ValueError(
+            f"result: model {manifest.name} scored series {result.series_uid}, "
+            f"but the sources are of series {series_uid}"
+        )
+    label = _label(manifest, result.image_label, "image")
+    if not result.slices:
+        raise ValueError(f"series {series_uid}: model {manifest.name} scored no slice")
+    by_uid: dict[str, Dataset] = {}
+    for ds in sources:
+        uid = str(ds.SOPInstanceUID)
+        if uid in by_uid:
+            raise ValueError(f"sources: instance {uid} appears twice")
+        by_uid[uid] = ds
+    seen: set[tuple[str, int | None]] = set()
+    scored = []
+    for index, score in enumerate(result.slices):
+        source = by_uid.get(score.sop_instance_uid)
+        if source is None:
+            raise ValueError(
+                f"result: slice {index + 1} is instance {score.sop_instance_uid}, "
+                f"which is not among the sources of series {series_uid}"
+            )
+        key = (score.sop_instance_uid, score.frame)
+        if key in seen:
+            raise ValueError(f"result: slice {key} scored twice")
+        seen.add(key)
+        _check_frame(source, score)
+        _check_probability(score.probability, manifest, label.name, f"slice {index + 1}")
+        scored.append(ScoredSlice(index, score, source))
+    return label, scored
 
 
 def build_measurement_report(
@@ -168,70 +392,88 @@ def build_measurement_report(
     """
     if len(sources) == 0:
         raise ValueError("sources: at least one image is needed to build a measurement report")
-    first = sources[0]
-    missing = [kw for kw in _REQUIRED_SOURCE_ATTRIBUTES if kw not in first]
-    if missing:
-        raise InvalidDatasetError(
-            f"instance {first.get('SOPInstanceUID', '?')}: missing {', '.join(missing)}; "
-            "cannot carry patient and study into the SR"
-        )
-    series_uid = str(first.SeriesInstanceUID)
-    for ds in sources[1:]:
-        if ds.get("SeriesInstanceUID") != series_uid:
-            raise ValueError(
-                f"sources: instance {ds.get('SOPInstanceUID', '?')} is in series "
-                f"{ds.get('SeriesInstanceUID')}, not {series_uid}; one SR covers one series"
-            )
+    check_sources(sources, "SR")
     by_instance = _match_results(sources, results, manifest)
-
-    now = datetime.now() if now is None else now
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=manifest.name, version=manifest.version, manufacturer=MANUFACTURER
-    )
+    algorithm = _algorithm(manifest)
     groups = [
         _measurement_group(ds, by_instance[str(ds.SOPInstanceUID)], manifest, algorithm, index)
         for index, ds in enumerate(sources, start=1)
     ]
-    report = _container(
-        codes.cid7021.ImagingMeasurementReport,
-        template_id="1500",
-        items=[
-            *hd.sr.LanguageOfContentItemAndDescendants(ENGLISH),
-            *_observation_context(manifest),
-            hd.sr.CodeContentItem(
-                name=codes.DCM.ProcedureReported,
-                value=procedure_reported,
-                relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
-            ),
-            _container(
-                codes.DCM.ImagingMeasurements,
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-                items=groups,
-            ),
-        ],
-    )
-    sr_series_uid, sr_instance_uid = result_uids(series_uid, manifest)
-    return hd.sr.EnhancedSR(
-        evidence=list(sources),
-        content=hd.sr.ContentSequence([report], is_root=True),
-        series_instance_uid=sr_series_uid,
+    return _enhanced_sr(
+        sources,
+        groups,
+        manifest,
+        procedure_reported=procedure_reported,
         series_number=series_number,
-        sop_instance_uid=sr_instance_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        series_description=series_description(manifest),
-        manufacturer_model_name=manifest.name[:_LONG_STRING_MAX],
-        software_versions=f"pacsnode {__version__}; {manifest.name} {manifest.version}"[
-            :_LONG_STRING_MAX
-        ],
-        content_date=now.date(),
-        content_time=now.time(),
-        series_date=now.date(),
-        series_time=now.time(),
-        specific_character_set=_character_set(first, _own_text(manifest)),
+        now=now,
+        codes_used=[],
+    )
+
+
+def build_series_report(
+    sources: Sequence[Dataset],
+    result: SeriesResult,
+    manifest: Manifest,
+    *,
+    series_number: int = 7001,
+    now: datetime | None = None,
+    procedure_reported: Code = CT_PULMONARY_ANGIOGRAPHY,
+) -> hd.sr.EnhancedSR:
+    """Build the Measurement Report of a volume model's ``result`` for one series.
+
+    Parameters
+    ----------
+    sources
+        Headers of the series' instances (pixels not needed); every instance becomes
+        evidence, patient and study come from ``sources[0]`` (see
+        :func:`build_measurement_report` for the character set).
+    result
+        The model's :class:`SeriesResult`: every scored slice must be one of ``sources``
+        (with a frame number for multi-frame instances); ``exam`` must hold a probability
+        in [0, 1] for every reported exam label.
+    manifest
+        The model's manifest: reported ``level = "exam"`` labels appear in manifest order;
+        the slice summary appears when ``result.image_label`` is reported, and counts the
+        slices whose probability is at least that label's threshold.
+    series_number, now, procedure_reported
+        As for :func:`build_measurement_report`; the procedure defaults to CT pulmonary
+        angiography (:data:`CT_PULMONARY_ANGIOGRAPHY`).
+
+    Raises
+    ------
+    ValueError
+        When ``sources`` is empty or spans several series, or ``result`` is of another
+        series, scores a slice that is not a source, or lacks a probability.
+    InvalidDatasetError
+        When the first source lacks an attribute the SR must carry.
+    """
+    if len(sources) == 0:
+        raise ValueError("sources: at least one instance is needed to build a series report")
+    check_sources(sources, "SR")
+    image_label, scored = match_slices(sources, result, manifest)
+    exam_labels = [label for label in manifest.reported_labels if label.level == "exam"]
+    for label in exam_labels:
+        _check_probability(result.exam.get(label.name), manifest, label.name, "exam")
+    series_uid = result.series_uid
+    algorithm = _algorithm(manifest)
+    groups = [
+        _label_group(
+            _identifier(manifest, f"{manifest.name} exam findings"),
+            derive_uid(series_uid, manifest.name, manifest.version, "sr", "exam-group"),
+            algorithm,
+            _label_items(exam_labels, result.exam, algorithm),
+        )
+    ]
+    if image_label.reported:
+        groups.append(_slice_group(series_uid, image_label, scored, manifest, algorithm))
+    return _enhanced_sr(
+        sources,
+        groups,
+        manifest,
+        procedure_reported=procedure_reported,
+        series_number=series_number,
+        now=now,
+        codes_used=LOCAL_CODES if image_label.reported else (),
     )
 
 
@@ -264,13 +506,150 @@ def read_findings(sr: Dataset, manifest: Manifest | None = None) -> dict[str, di
     names = _names_by_code(manifest)
     out: dict[str, dict[str, bool]] = {}
     for uid, group in _groups_by_source(sr):
-        values = out.setdefault(uid, {})
-        for evaluation in group.get_qualitative_evaluations():
-            value = cast(hd.sr.CodedConcept, evaluation.value)  # highdicom types it as a number
-            if _same_code(value, codes.SCT.Present) or _same_code(value, codes.SCT.Absent):
-                key = names.get(_code_key(evaluation.name), evaluation.name.meaning)
-                values[key] = _same_code(value, codes.SCT.Present)
+        out.setdefault(uid, {}).update(_presence(group, names))
     return out
+
+
+@dataclass(frozen=True)
+class ReportedSlice:
+    """A slice a series report points at, and what it says of it."""
+
+    sop_instance_uid: str
+    frame: int | None
+    value: float  # the number the report gives (probability, z in mm or instance number)
+
+
+@dataclass(frozen=True)
+class SeriesReport:
+    """What :func:`build_series_report` wrote, read back from the stored SR.
+
+    Slice fields are None when the report has no slice summary (image label not reported)
+    or, for the range, no positive slice (or a header without the value).
+    """
+
+    exam_probabilities: dict[str, float]
+    exam_findings: dict[str, bool]
+    positive_slices: int | None
+    max_probability: ReportedSlice | None
+    superior_z: ReportedSlice | None
+    inferior_z: ReportedSlice | None
+    superior_instance: ReportedSlice | None
+    inferior_instance: ReportedSlice | None
+
+
+def read_series_report(sr: Dataset, manifest: Manifest | None = None) -> SeriesReport:
+    """Read a series report of :func:`build_series_report` back, with highdicom.
+
+    Label keys as in :func:`read_measurement_report`. Raises ValueError when ``sr`` is not
+    a TID 1500 report or has no exam group.
+    """
+    names = _names_by_code(manifest)
+    exam: hd.sr.MeasurementsAndQualitativeEvaluations | None = None
+    slices: hd.sr.MeasurementsAndQualitativeEvaluations | None = None
+    for group in _measurement_report(sr).get_image_measurement_groups():
+        if group.get_measurements(name=POSITIVE_SLICE_COUNT):
+            slices = group
+        elif exam is None:
+            exam = group
+    if exam is None:
+        raise ValueError(f"SR {sr.get('SOPInstanceUID', '?')}: no exam measurement group")
+    probabilities = {
+        names.get(_code_key(m.name), m.name.meaning): float(m.value)
+        for m in exam.get_measurements()
+        if _same_code(m.unit, PROBABILITY_UNIT)
+    }
+    if slices is None:
+        return SeriesReport(
+            probabilities, _presence(exam, names), None, None, None, None, None, None
+        )
+    count = slices.get_measurements(name=POSITIVE_SLICE_COUNT)[0]
+    maxima = [
+        m
+        for m in slices.get_measurements()
+        if _same_code(m.unit, PROBABILITY_UNIT)
+        and m.derivation is not None
+        and _same_code(m.derivation, codes.SCT.Maximum)
+    ]
+    return SeriesReport(
+        exam_probabilities=probabilities,
+        exam_findings=_presence(exam, names),
+        positive_slices=int(count.value),
+        max_probability=_reported_slice(maxima[0]) if maxima else None,
+        superior_z=_reported(slices, SUPERIOR_POSITIVE_Z),
+        inferior_z=_reported(slices, INFERIOR_POSITIVE_Z),
+        superior_instance=_reported(slices, SUPERIOR_POSITIVE_INSTANCE),
+        inferior_instance=_reported(slices, INFERIOR_POSITIVE_INSTANCE),
+    )
+
+
+def _enhanced_sr(
+    sources: Sequence[Dataset],
+    groups: Sequence[hd.sr.ContainerContentItem],
+    manifest: Manifest,
+    *,
+    procedure_reported: Code,
+    series_number: int,
+    now: datetime | None,
+    codes_used: Iterable[Code],
+) -> hd.sr.EnhancedSR:
+    """The TID 1500 document around ``groups``; ``codes_used``: codes beyond the manifest's."""
+    first = sources[0]
+    now = datetime.now() if now is None else now
+    report = _container(
+        codes.cid7021.ImagingMeasurementReport,
+        template_id="1500",
+        items=[
+            *hd.sr.LanguageOfContentItemAndDescendants(ENGLISH),
+            *hd.sr.ObservationContext(observer_device_context=device_observer_context(manifest)),
+            hd.sr.CodeContentItem(
+                name=codes.DCM.ProcedureReported,
+                value=procedure_reported,
+                relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+            ),
+            _container(
+                codes.DCM.ImagingMeasurements,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                items=groups,
+            ),
+        ],
+    )
+    used = [*codes_used, procedure_reported]
+    used += [label.code.to_code() for label in manifest.reported_labels if label.code]
+    sr_series_uid, sr_instance_uid = result_uids(str(first.SeriesInstanceUID), manifest)
+    return hd.sr.EnhancedSR(
+        evidence=list(sources),
+        content=hd.sr.ContentSequence([report], is_root=True),
+        series_instance_uid=sr_series_uid,
+        series_number=series_number,
+        sop_instance_uid=sr_instance_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=series_description(manifest),
+        manufacturer_model_name=manifest.name[:LONG_STRING_MAX],
+        software_versions=software_versions(manifest),
+        content_date=now.date(),
+        content_time=now.time(),
+        series_date=now.date(),
+        series_time=now.time(),
+        specific_character_set=document_character_set(first, manifest, [c.meaning for c in used]),
+        coding_schemes=_coding_schemes(used),
+    )
+
+
+def _coding_schemes(used: Iterable[Code]) -> list[CodingSchemeIdentificationItem] | None:
+    """Identify :data:`LOCAL_SCHEME` when a code of it is used (PS3.3 C.12.1.1.2.1)."""
+    if not any(code.scheme_designator == LOCAL_SCHEME for code in used):
+        return None
+    return [
+        CodingSchemeIdentificationItem(
+            designator=LOCAL_SCHEME,
+            name="pacsnode local codes",
+            responsible_organization=MANUFACTURER,
+        )
+    ]
 
 
 def _match_results(
@@ -292,29 +671,107 @@ def _match_results(
             raise ValueError(f"results: no result for source instance {uid}")
         for label in manifest.reported_labels:
             p = by_instance[uid].probabilities.get(label.name)
-            if p is None or not math.isfinite(p) or not 0.0 <= p <= 1.0:
-                raise ValueError(
-                    f"instance {uid}: model {manifest.name} gave probability {p!r} for "
-                    f"reported label {label.name!r}; expected a number in [0, 1]"
-                )
+            _check_probability(p, manifest, label.name, f"instance {uid}")
     return by_instance
 
 
-def _observation_context(manifest: Manifest) -> hd.sr.ObservationContext:
-    name = manifest.name
-    if manifest.synthetic:
-        name = f"{name} ({DEMO_DISCLAIMER})"
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=derive_uid(manifest.name, manifest.version, "device-observer"),
-        name=name,
-        manufacturer_name=MANUFACTURER,
-        model_name=f"{manifest.name} {manifest.version}",
-    )
-    return hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=device,
+def _check_probability(p: float | None, manifest: Manifest, label: str, where: str) -> None:
+    if p is None or not math.isfinite(p) or not 0.0 <= p <= 1.0:
+        raise ValueError(
+            f"{where}: model {manifest.name} gave probability {p!r} for "
+            f"reported label {label!r}; expected a number in [0, 1]"
         )
+
+
+def _label(manifest: Manifest, name: str, level: str) -> LabelSpec:
+    for label in manifest.labels:
+        if label.name == name:
+            if label.level != level:
+                raise ValueError(f"model {manifest.name}: label {name!r} is not {level}-level")
+            return label
+    raise ValueError(f"model {manifest.name}: no label {name!r} in the manifest")
+
+
+def _is_multiframe(ds: Dataset) -> bool:
+    return "NumberOfFrames" in ds
+
+
+def _check_frame(source: Dataset, score: SliceScore) -> None:
+    uid = score.sop_instance_uid
+    if _is_multiframe(source):
+        frames = int(source.NumberOfFrames)
+        if score.frame is None or not 1 <= score.frame <= frames:
+            raise ValueError(
+                f"result: instance {uid} has {frames} frames; slice frame {score.frame!r} "
+                "must be one of them"
+            )
+    elif score.frame not in (None, 1):
+        raise ValueError(f"result: instance {uid} is single-frame, not frame {score.frame}")
+
+
+def _frame_position(ds: Dataset, frame: int | None) -> Sequence[float] | None:
+    """ImagePositionPatient of a frame: top level, per-frame or shared functional groups."""
+    if _is_multiframe(ds) and frame is not None:
+        candidates = [
+            (ds.get("PerFrameFunctionalGroupsSequence"), frame - 1),
+            (ds.get("SharedFunctionalGroupsSequence"), 0),
+        ]
+        for groups, index in candidates:
+            try:
+                item = groups[index].PlanePositionSequence[0]
+                return cast(Sequence[float], item.ImagePositionPatient)
+            except (AttributeError, IndexError, TypeError):
+                continue
+    return cast(Sequence[float] | None, ds.get("ImagePositionPatient"))
+
+
+def _algorithm(manifest: Manifest) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=manifest.name, version=manifest.version, manufacturer=MANUFACTURER
+    )
+
+
+def _identifier(manifest: Manifest, text: str) -> str:
+    return f"{text} ({DEMO_DISCLAIMER})" if manifest.synthetic else text
+
+
+def _label_items(
+    labels: Sequence[LabelSpec],
+    probabilities: dict[str, float],
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> list[Dataset]:
+    """Per label a probability NUM, then per label a Present/Absent CODE at its threshold."""
+    measurements: list[Dataset] = []
+    evaluations: list[Dataset] = []
+    for label in labels:
+        code = _label_code(label)
+        p = float(probabilities[label.name])
+        measurements.extend(
+            hd.sr.Measurement(name=code, value=p, unit=PROBABILITY_UNIT, algorithm_id=algorithm)
+        )
+        present = p >= label.threshold
+        evaluations.extend(
+            hd.sr.QualitativeEvaluation(
+                name=code, value=codes.SCT.Present if present else codes.SCT.Absent
+            )
+        )
+    return [*measurements, *evaluations]
+
+
+def _label_group(
+    identifier: str,
+    tracking_uid: str,
+    algorithm: hd.sr.AlgorithmIdentification,
+    items: Sequence[Dataset],
+    source: hd.sr.SourceImageForMeasurementGroup | None = None,
+) -> hd.sr.ContainerContentItem:
+    """TID 1501, items in the order highdicom's template uses."""
+    tracking = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=identifier)
+    return _container(
+        codes.DCM.MeasurementGroup,
+        template_id="1501",
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        items=[*tracking, *algorithm, *items, *([source] if source is not None else [])],
     )
 
 
@@ -325,40 +782,68 @@ def _measurement_group(
     algorithm: hd.sr.AlgorithmIdentification,
     index: int,
 ) -> hd.sr.ContainerContentItem:
-    """TID 1501 for one image, items in the order highdicom's template uses."""
-    identifier = f"{manifest.name} findings, image {index}"
-    if manifest.synthetic:
-        identifier = f"{identifier} ({DEMO_DISCLAIMER})"
-    tracking = hd.sr.TrackingIdentifier(
-        uid=derive_uid(str(source.SOPInstanceUID), manifest.name, manifest.version, "sr", "group"),
-        identifier=identifier,
+    """TID 1501 for one image."""
+    return _label_group(
+        _identifier(manifest, f"{manifest.name} findings, image {index}"),
+        derive_uid(str(source.SOPInstanceUID), manifest.name, manifest.version, "sr", "group"),
+        algorithm,
+        _label_items(manifest.reported_labels, result.probabilities, algorithm),
+        hd.sr.SourceImageForMeasurementGroup.from_source_image(source),
     )
-    measurements: list[Dataset] = []
-    evaluations: list[Dataset] = []
-    for label in manifest.reported_labels:
-        code = _label_code(label)
-        p = float(result.probabilities[label.name])
-        measurements.extend(
-            hd.sr.Measurement(name=code, value=p, unit=PROBABILITY_UNIT, algorithm_id=algorithm)
-        )
-        present = p >= label.threshold
-        evaluations.extend(
-            hd.sr.QualitativeEvaluation(
-                name=code, value=codes.SCT.Present if present else codes.SCT.Absent
-            )
-        )
-    return _container(
-        codes.DCM.MeasurementGroup,
-        template_id="1501",
-        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        items=[
-            *tracking,
-            *algorithm,
-            *measurements,
-            *evaluations,
-            hd.sr.SourceImageForMeasurementGroup.from_source_image(source),
-        ],
+
+
+def _slice_group(
+    series_uid: str,
+    label: LabelSpec,
+    scored: Sequence[ScoredSlice],
+    manifest: Manifest,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.ContainerContentItem:
+    """TID 1501 summarising the per-slice probabilities (see the module docstring)."""
+    top = max(scored, key=lambda s: (s.probability, -s.index))  # ties: the most superior
+    positive = [s for s in scored if s.probability >= label.threshold]
+    items: list[Dataset] = [
+        *hd.sr.Measurement(
+            name=POSITIVE_SLICE_COUNT, value=len(positive), unit=SLICES_UNIT, algorithm_id=algorithm
+        ),
+        *hd.sr.Measurement(
+            name=_label_code(label),
+            value=top.probability,
+            unit=PROBABILITY_UNIT,
+            algorithm_id=algorithm,
+            derivation=codes.SCT.Maximum,
+            referenced_images=[_source_for_measurement(top)],
+        ),
+    ]
+    if positive:
+        for end, z_code, instance_code in (
+            (positive[0], SUPERIOR_POSITIVE_Z, SUPERIOR_POSITIVE_INSTANCE),
+            (positive[-1], INFERIOR_POSITIVE_Z, INFERIOR_POSITIVE_INSTANCE),
+        ):
+            for code, value, unit in (
+                (z_code, end.z, MILLIMETRE),
+                (instance_code, end.instance_number, INSTANCE_NUMBER_UNIT),
+            ):
+                if value is not None:
+                    items.extend(
+                        hd.sr.Measurement(
+                            name=code,
+                            value=value,
+                            unit=unit,
+                            referenced_images=[_source_for_measurement(end)],
+                        )
+                    )
+    return _label_group(
+        _identifier(manifest, f"{manifest.name} slice findings"),
+        derive_uid(series_uid, manifest.name, manifest.version, "sr", "slice-group"),
+        algorithm,
+        items,
+        hd.sr.SourceImageForMeasurementGroup.from_source_image(top.source, top.frames),
     )
+
+
+def _source_for_measurement(scored: ScoredSlice) -> hd.sr.SourceImageForMeasurement:
+    return hd.sr.SourceImageForMeasurement.from_source_image(scored.source, scored.frames)
 
 
 def _container(
@@ -416,18 +901,54 @@ def _character_set(source: Dataset, own_text: Iterable[str]) -> str | None:
     return term
 
 
+def _measurement_report(sr: Dataset) -> hd.sr.MeasurementReport:
+    content = _as_highdicom(sr).content
+    if not isinstance(content, hd.sr.MeasurementReport):
+        raise ValueError(f"SR {sr.get('SOPInstanceUID', '?')}: not a TID 1500 Measurement Report")
+    return content
+
+
 def _groups_by_source(
     sr: Dataset,
 ) -> list[tuple[str, hd.sr.MeasurementsAndQualitativeEvaluations]]:
-    document = _as_highdicom(sr)
-    content = document.content
-    if not isinstance(content, hd.sr.MeasurementReport):
-        raise ValueError(f"SR {sr.get('SOPInstanceUID', '?')}: not a TID 1500 Measurement Report")
     out = []
-    for group in content.get_image_measurement_groups():
+    for group in _measurement_report(sr).get_image_measurement_groups():
         for image in group.source_images:
             out.append((str(image.referenced_sop_instance_uid), group))
     return out
+
+
+def _presence(
+    group: hd.sr.MeasurementsAndQualitativeEvaluations, names: dict[tuple[str, str], str]
+) -> dict[str, bool]:
+    """``{label: present}`` of the group's SCT Present / Absent evaluations."""
+    out: dict[str, bool] = {}
+    for evaluation in group.get_qualitative_evaluations():
+        value = cast(hd.sr.CodedConcept, evaluation.value)  # highdicom types it as a number
+        if _same_code(value, codes.SCT.Present) or _same_code(value, codes.SCT.Absent):
+            key = names.get(_code_key(evaluation.name), evaluation.name.meaning)
+            out[key] = _same_code(value, codes.SCT.Present)
+    return out
+
+
+def _reported(
+    group: hd.sr.MeasurementsAndQualitativeEvaluations, name: Code
+) -> ReportedSlice | None:
+    found = group.get_measurements(name=name)
+    return _reported_slice(found[0]) if found else None
+
+
+def _reported_slice(measurement: hd.sr.Measurement) -> ReportedSlice | None:
+    images = measurement.referenced_images
+    if not images:
+        return None
+    image = images[0]
+    frames = image.referenced_frame_numbers
+    return ReportedSlice(
+        str(image.referenced_sop_instance_uid),
+        int(frames[0]) if frames else None,
+        float(measurement.value),
+    )
 
 
 def _as_highdicom(
