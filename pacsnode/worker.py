@@ -1,5 +1,11 @@
 """The inference worker: claim jobs, run the warm model in batches, write results, queue deliveries.
 
+Image models (chest X-ray) take a batch of jobs in one forward pass and write one SR per
+series. Volume models (CT PE) take one job at a time: assemble the series into a volume
+(:mod:`pacsnode.volumes`), classify it, and write an SR plus, for a positive exam, a Key
+Object Selection of the most suspicious slices. A series that cannot become a volume
+(gap, mixed orientation, localizer only...) fails permanently with the reason recorded.
+
 Lifecycle: ``initialize()`` loads every enabled model once (they stay warm),
 ``loop(now)`` does one round of work and returns how many jobs it finished,
 ``shutdown()`` releases the models. Results are committed only if this worker
@@ -27,11 +33,14 @@ from pacsnode import eventlog, queue
 from pacsnode.config import Config
 from pacsnode.db import utcnow
 from pacsnode.errors import InputError
-from pacsnode.models import load_model
-from pacsnode.models.base import ImageClassifier, ImageResult, default_device
+from pacsnode.manifest import Manifest
+from pacsnode.models import Model, load_model
+from pacsnode.models.base import ImageClassifier, ImageResult, VolumeClassifier, default_device
 from pacsnode.spool import write_durably
 from pacsnode.tables import Delivery, DeliveryState, Instance, Job, Output, Series, Study
-from pacsnode.writers.sr import build_measurement_report, result_uids
+from pacsnode.volumes import load_volume, plan_volume, read_slice_refs
+from pacsnode.writers.kos import build_key_images
+from pacsnode.writers.sr import build_measurement_report, build_series_report, result_uids
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +79,7 @@ class Worker:
         self.config = config
         self.sessions = sessions
         self.worker_id = worker_id or queue.worker_identity()
-        self.models: dict[str, ImageClassifier] = {}
+        self.models: dict[str, Model] = {}
 
     def initialize(self) -> None:
         device = resolve_device(self.config.models.device)
@@ -88,6 +97,11 @@ class Worker:
         """Run at most one batch per model; returns the number of jobs finished."""
         finished = 0
         for name, model in self.models.items():
+            if isinstance(model, VolumeClassifier):
+                for ticket in self._claim(name, 1, now or utcnow()):
+                    self._run_volume(model, ticket)
+                    finished += 1
+                continue
             tickets = self._claim(name, model.manifest.batch_size, now or utcnow())
             if tickets:
                 self._run_batch(model, tickets)
@@ -146,6 +160,38 @@ class Worker:
             for ticket in tickets:
                 self._fail(ticket, f"{type(exc).__name__}: {exc}", permanent=False)
 
+    def _run_volume(self, model: VolumeClassifier, ticket: Ticket) -> None:
+        """One CT series: volume, classification, SR and (when positive) key images."""
+        try:
+            try:
+                headers = [_read_header(p) for p in ticket.paths]
+                plan = plan_volume(read_slice_refs(ticket.paths), ticket.series_uid)
+                result = model.classify(load_volume(plan))
+            except InputError as exc:
+                self._fail(ticket, str(exc), permanent=True)
+                return
+            manifest = model.manifest
+            outputs = [
+                self._write(ticket, build_series_report(headers, result, manifest), "sr", manifest)
+            ]
+            key_images = build_key_images(headers, result, manifest)
+            if key_images is not None:
+                outputs.append(self._write(ticket, key_images, "ko", manifest))
+            self._succeed(ticket, outputs)
+        except Exception as exc:  # the worker's main loop: one bad series must not stop the node
+            log.exception("job %d failed", ticket.job_id)
+            self._fail(ticket, f"{type(exc).__name__}: {exc}", permanent=False)
+
+    def _write(self, ticket: Ticket, ds: Dataset, kind: str, manifest: Manifest) -> ResultFile:
+        series_uid, sop_uid = result_uids(ticket.series_uid, manifest, kind)
+        if (str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)) != (series_uid, sop_uid):
+            raise RuntimeError(f"{kind} writer produced UIDs other than result_uids()")
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        path = self.config.storage.output_dir / ticket.study_uid / series_uid / f"{sop_uid}.dcm"
+        write_durably(path, buffer.getbuffer())
+        return ResultFile(sop_uid, str(ds.SOPClassUID), series_uid, kind, path)
+
     def _write_sr(
         self,
         model: ImageClassifier,
@@ -154,12 +200,7 @@ class Worker:
         ticket: Ticket,
     ) -> ResultFile:
         sr = build_measurement_report(sources, results, model.manifest)
-        series_uid, sop_uid = result_uids(ticket.series_uid, model.manifest)
-        buffer = BytesIO()
-        sr.save_as(buffer, enforce_file_format=True)
-        path = self.config.storage.output_dir / ticket.study_uid / series_uid / f"{sop_uid}.dcm"
-        write_durably(path, buffer.getbuffer())
-        return ResultFile(sop_uid, str(sr.SOPClassUID), series_uid, "sr", path)
+        return self._write(ticket, sr, "sr", model.manifest)
 
     def _succeed(self, ticket: Ticket, outputs: Sequence[ResultFile]) -> None:
         now = utcnow()
@@ -180,6 +221,13 @@ class Worker:
             job = queue.still_owned(session, ticket.job_id, self.worker_id, ticket.attempts)
             if job is not None:
                 queue.fail(session, job, error, now, self.config.queue, permanent=permanent)
+
+
+def _read_header(path: Path) -> Dataset:
+    try:
+        return dcmread(path, stop_before_pixels=True)
+    except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
+        raise InputError(f"cannot read spooled instance {path.name}: {exc}") from exc
 
 
 def _read_instance(path: Path) -> Dataset:
