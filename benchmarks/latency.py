@@ -7,22 +7,35 @@ until Orthanc's ``/changes`` shows the new result instance. The reference figure
 the other nodes' completion floors before inference starts (``../shared/ANCHORS.md``):
 MONAI Informatics Gateway 5 s, Kaapana 8-12 s, mercure and Orthanc 60 s.
 
-Last line: ``CXR time to result: p50 X s, p95 Y s (n=N)``.
+CT pulmonary angiograms (``--ct-slices``, default 300 slices of 512x512, a positive
+phantom so both the SR and the key-image KOS are made) are sent the same way, one series
+per association; the clock runs from ``storescu`` exiting until Orthanc holds every
+result of the job. This includes the node's series quiet period (default 5 s: a CT series
+is complete only when no slice has arrived for that long). Target: 20 s on 2 CPU cores.
+Then one ``--rss-slices`` series (default 400) is sent and the node process's peak
+resident memory (VmHWM: receiver, worker with both models, dispatcher) is read. Target:
+2.5 GB.
+
+Last line: ``CXR time to result: p50 X s, p95 Y s (...); CT PE time to result: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from common import LOOPBACK, NodeProcess, Orthanc, dcmtk_env, find_binary, percentile
+from common import LOOPBACK, NodeProcess, Orthanc, dcmtk_env, find_binary, median, percentile
+from sqlalchemy import func, select
 
+from pacsnode.phantoms.ctpa import make_ctpa_case, write_ctpa_series
 from pacsnode.phantoms.cxr import write_phantom_set
+from pacsnode.tables import DeliveryState, Job, JobState, Output
 
 
 def _new_instances(orthanc: Orthanc, since: int) -> tuple[int, list[str]]:
@@ -31,18 +44,24 @@ def _new_instances(orthanc: Orthanc, since: int) -> tuple[int, list[str]]:
     return int(changes["Last"]), new
 
 
-def time_to_result(
-    node: NodeProcess, orthanc: Orthanc, path: Path, since: int, timeout: float = 120
-) -> tuple[float, int]:
+def send(node: NodeProcess, paths: Sequence[Path]) -> float:
+    """Send ``paths`` in one association; returns the moment ``storescu`` exited."""
     storescu = find_binary("storescu")
     assert storescu is not None, "dcmtk storescu not found: run `make system-deps`"
     subprocess.run(
-        [storescu, "-aet", "MODALITY", "-aec", node.ae_title, LOOPBACK, str(node.port), str(path)],
+        [storescu, "-aet", "MODALITY", "-aec", node.ae_title, LOOPBACK, str(node.port)]
+        + [str(p) for p in paths],
         env=dcmtk_env(),
         check=True,
         capture_output=True,
     )
-    sent = time.perf_counter()
+    return time.perf_counter()
+
+
+def time_to_result(
+    node: NodeProcess, orthanc: Orthanc, path: Path, since: int, timeout: float = 120
+) -> tuple[float, int]:
+    sent = send(node, [path])
     deadline = sent + timeout
     while time.perf_counter() < deadline:
         since, new = _new_instances(orthanc, since)
@@ -52,11 +71,105 @@ def time_to_result(
     raise TimeoutError(f"no result in Orthanc {timeout} s after sending {path.name}")
 
 
+def _job_outputs(node: NodeProcess, jobs_before: int) -> int | None:
+    """Outputs of the newest job once it succeeded and all its deliveries are done, else None."""
+    with node.sessions()() as s:
+        if s.scalar(select(func.count(Job.id))) <= jobs_before:
+            return None
+        job = s.scalars(select(Job).order_by(Job.id.desc()).limit(1)).one()
+        if job.state is JobState.DEAD:
+            raise RuntimeError(f"CT job {job.id} died: {job.last_error}")
+        if job.state is not JobState.SUCCEEDED:
+            return None
+        outputs = s.scalars(select(Output).where(Output.job_id == job.id)).all()
+        states = [d.state for o in outputs for d in o.deliveries]
+        if not states or any(state is not DeliveryState.DELIVERED for state in states):
+            return None
+        return len(outputs)
+
+
+def ct_time_to_result(
+    node: NodeProcess, orthanc: Orthanc, paths: Sequence[Path], since: int, timeout: float = 300
+) -> tuple[float, int]:
+    """From ``storescu`` exiting to the last result of the series' job stored in Orthanc."""
+    with node.sessions()() as s:
+        jobs_before = int(s.scalar(select(func.count(Job.id))) or 0)
+    sent = send(node, paths)
+    deadline = sent + timeout
+    arrived: list[float] = []
+    expected: int | None = None
+    while time.perf_counter() < deadline:
+        since, new = _new_instances(orthanc, since)
+        arrived += [time.perf_counter()] * len(new)
+        if expected is None:
+            expected = _job_outputs(node, jobs_before)
+        if expected is not None and len(arrived) >= expected:
+            return arrived[expected - 1] - sent, since
+        time.sleep(0.01)
+    raise TimeoutError(f"CT results not in Orthanc {timeout} s after sending {len(paths)} slices")
+
+
+def peak_rss_gb(node: NodeProcess) -> float:
+    """The node process's peak resident set (VmHWM), in GB."""
+    assert node.proc is not None
+    for line in Path(f"/proc/{node.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    raise RuntimeError("no VmHWM in /proc status")
+
+
+def ct_benchmark(
+    work: Path, orthanc: Orthanc, slices: int, size: int, runs: int, rss_slices: int, device: str
+) -> tuple[list[float], float]:
+    """Time to result for ``runs`` CTPA series, then the peak RSS after a ``rss_slices`` one."""
+    node = NodeProcess(
+        work / "ct-node",
+        enabled=("cxr-chexnet", "ct-pe"),
+        destinations=[("pacs", orthanc.aet, orthanc.dicom_port)],
+    )
+    if device != "cpu":
+        node.config_path.write_text(
+            node.config_path.read_text().replace('device = "cpu"', f'device = "{device}"')
+        )
+    node.start()
+
+    def series(seed: int, count: int) -> list[Path]:
+        case = make_ctpa_case(seed, kind="acute", location="central")
+        folder = work / f"ct-{seed}"
+        written = write_ctpa_series(folder, case, rows=size, slices=count, shuffle=True)
+        return list(written.paths)
+
+    try:
+        since, _ = _new_instances(orthanc, 0)
+        # a short series first warms every path (model, volume, writers, association)
+        _, since = ct_time_to_result(node, orthanc, series(800, 24), since)
+        times = []
+        for run in range(runs):
+            paths = series(801 + run, slices)
+            os.sync()
+            elapsed, since = ct_time_to_result(node, orthanc, paths, since)
+            print(f"CT run {run + 1}: {elapsed:.2f} s ({slices} slices)", flush=True)
+            times.append(elapsed)
+            shutil.rmtree(paths[0].parent, ignore_errors=True)
+        paths = series(900, rss_slices)
+        os.sync()
+        elapsed, since = ct_time_to_result(node, orthanc, paths, since)
+        print(f"CT {rss_slices} slices: {elapsed:.2f} s", flush=True)
+        rss = peak_rss_gb(node)
+    finally:
+        node.stop()
+    return times, rss
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--size", type=int, default=2048, help="radiograph rows = columns")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ct-slices", type=int, default=300)
+    parser.add_argument("--ct-size", type=int, default=512, help="CT rows = columns")
+    parser.add_argument("--ct-runs", type=int, default=3)
+    parser.add_argument("--rss-slices", type=int, default=400)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pacsnode-bench-") as tmp:
         work = Path(tmp)
@@ -86,11 +199,24 @@ def main(argv: Sequence[str] | None = None) -> str:
                     times.append(elapsed)
             finally:
                 node.stop()
-    print("times (s): " + ", ".join(f"{t:.3f}" for t in times))
+            print("times (s): " + ", ".join(f"{t:.3f}" for t in times))
+            ct_times, rss = ct_benchmark(
+                work,
+                orthanc,
+                args.ct_slices,
+                args.ct_size,
+                args.ct_runs,
+                args.rss_slices,
+                args.device,
+            )
     line = (
         f"CXR time to result: p50 {percentile(times, 50):.2f} s, "
         f"p95 {percentile(times, 95):.2f} s (n={len(times)}, {args.size}x{args.size}, "
-        f"{args.device}; other nodes start inference after 5-60 s)"
+        f"{args.device}; other nodes start inference after 5-60 s); "
+        f"CT PE time to result: median {median(ct_times):.2f} s, max {max(ct_times):.2f} s "
+        f"(n={len(ct_times)}, {args.ct_slices} slices {args.ct_size}x{args.ct_size}, "
+        f"incl. 5 s quiet period; target 20 s); "
+        f"node peak RSS {rss:.2f} GB after a {args.rss_slices}-slice CT (target 2.5 GB)"
     )
     print(line)
     return line

@@ -100,7 +100,7 @@ class DispatchConfig(RetryPolicy):
 
 class ModelsConfig(_Section):
     dir: Path = Path("models")
-    enabled: list[str] = ["cxr-chexnet"]
+    enabled: list[str] = ["cxr-chexnet", "ct-pe"]
     device: str = "auto"  # "auto": CUDA when present, else CPU
 
 

@@ -51,9 +51,21 @@ def test_inference_smoke(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.slow
 def test_latency_smoke(capsys: pytest.CaptureFixture[str]) -> None:
-    line = latency.main(["--images", "2", "--size", "256"])
+    line = latency.main(
+        [
+            "--images", "2", "--size", "256",
+            "--ct-slices", "24", "--ct-size", "64", "--ct-runs", "1", "--rss-slices", "30",
+        ]
+    )  # fmt: skip
     match = re.match(rf"CXR time to result: p50 {NUMBER} s, p95 {NUMBER} s \(n=2,", line)
     assert match, line
     p50, p95 = _positive(*match.groups())
     assert p50 <= p95
+    ct = re.search(
+        rf"CT PE time to result: median {NUMBER} s, max {NUMBER} s \(n=1, 24 slices 64x64.*"
+        rf"node peak RSS {NUMBER} GB after a 30-slice CT",
+        line,
+    )
+    assert ct, line
+    _positive(*ct.groups())
     assert capsys.readouterr().out.strip().splitlines()[-1] == line

@@ -218,7 +218,7 @@ def test_config_names_the_offending_key() -> None:
     with pytest.raises(ConfigError, match=r"node\.ae_title"):
         parse_config('[node]\nae_title = "MUCH_TOO_LONG_AE_TITLE"\n')
     config = parse_config(Path("config/pacsnode.toml").read_text())
-    assert config.node.port == 11112 and config.models.enabled == ["cxr-chexnet"]
+    assert config.node.port == 11112 and config.models.enabled == ["cxr-chexnet", "ct-pe"]
     assert [d.name for d in config.destinations] == ["pacs"]
 
 
