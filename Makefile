@@ -65,6 +65,7 @@ bench: install-test system-deps
 # Retrain the demo chest X-ray weights on synthetic phantoms (see models/cxr-chexnet/MODEL_CARD.md)
 weights: install
 	$(BIN)/python -m pacsnode.models.train_cxr --out models/cxr-chexnet
+	$(BIN)/python -m pacsnode.models.train_pe --out models/ct-pe --seed 0
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -145,8 +145,13 @@ def test_ctpa_study_selects_the_ctpa_and_returns_sr_and_key_images(
     assert isinstance(hd.sr.srread(sr_path), hd.sr.EnhancedSR)
     report = read_series_report(sr, load_manifest(PE_DIR))
     for label, p in expected.exam.items():
-        assert report.exam[label] == pytest.approx(p, abs=1e-4), label
+        assert report.exam_probabilities[label] == pytest.approx(p, abs=1e-4), label
+        assert report.exam_findings[label] == (p >= 0.5), label
     assert report.positive_slices == sum(s.probability >= threshold for s in expected.slices)
+    assert report.max_probability is not None
+    assert report.max_probability.value == pytest.approx(
+        max(s.probability for s in expected.slices), abs=1e-4
+    )
     if positive:
         kos_path = tmp_path / "kos.dcm"
         kos_path.write_bytes(orthanc.download(found[KOS_CLASS]))
@@ -182,7 +187,11 @@ def test_bad_ct_series_are_refused_with_their_reason_and_do_not_block_others(
         series = {}
         for seed, name in enumerate(["gap", "mixed", "single", "good"], start=100):
             written = write_ctpa_series(
-                tmp_path / name, make_ctpa_case(seed), rows=64, slices=30, shuffle=False
+                tmp_path / name,
+                make_ctpa_case(seed, kind="negative"),
+                rows=64,
+                slices=30,
+                shuffle=False,
             )
             series[name] = written
         gap = series["gap"]

@@ -3,6 +3,16 @@
 Nothing here is a real patient; every phantom is rendered from a seed.
 """
 
+from pacsnode.phantoms.ctpa import (
+    CTPA_EXAM_LABELS,
+    CTPA_IMAGE_LABEL,
+    CtpaCase,
+    CtpaSeries,
+    make_ctpa_case,
+    render_canonical,
+    write_ctpa_series,
+    write_scout,
+)
 from pacsnode.phantoms.cxr import (
     CHEXNET_LABELS,
     RENDERED_FINDINGS,
@@ -13,8 +23,16 @@ from pacsnode.phantoms.cxr import (
 
 __all__ = [
     "CHEXNET_LABELS",
+    "CTPA_EXAM_LABELS",
+    "CTPA_IMAGE_LABEL",
     "RENDERED_FINDINGS",
+    "CtpaCase",
+    "CtpaSeries",
+    "make_ctpa_case",
     "make_cxr_dataset",
     "render",
+    "render_canonical",
+    "write_ctpa_series",
     "write_phantom_set",
+    "write_scout",
 ]
