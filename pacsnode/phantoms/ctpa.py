@@ -37,22 +37,13 @@ import numpy as np
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
+from pacsnode.models.pe import EXAM_LABELS, IMAGE_LABEL
 from pacsnode.uids import derive_uid
 
 Vec3 = tuple[float, float, float]
 
-CTPA_IMAGE_LABEL = "pe_present_on_image"
-CTPA_EXAM_LABELS: tuple[str, ...] = (
-    "negative_exam_for_pe",
-    "indeterminate",
-    "chronic_pe",
-    "acute_and_chronic_pe",
-    "central_pe",
-    "leftsided_pe",
-    "rightsided_pe",
-    "rv_lv_ratio_gte_1",
-    "rv_lv_ratio_lt_1",
-)
+CTPA_IMAGE_LABEL = IMAGE_LABEL
+CTPA_EXAM_LABELS = EXAM_LABELS
 """The nine RSNA STR PE exam labels, in the order of ``models/ct-pe/manifest.toml``."""
 
 KINDS: tuple[str, ...] = ("negative", "indeterminate", "acute", "chronic", "acute_and_chronic")
