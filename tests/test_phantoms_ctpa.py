@@ -7,6 +7,7 @@ import subprocess
 import tomllib
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pytest
 from pydicom import dcmread
@@ -18,6 +19,7 @@ from pacsnode.phantoms.ctpa import (
     PATIENT_POSITIONS,
     CanonicalRender,
     CtpaCase,
+    emboli_mask,
     make_ctpa_case,
     render_canonical,
     render_canonical_annotated,
@@ -29,9 +31,11 @@ from pacsnode.phantoms.ctpa import (
 MANIFEST = Path(__file__).resolve().parents[1] / "models" / "ct-pe" / "manifest.toml"
 
 
-def _dciodvfy_errors(path: Path) -> list[str]:
+def _dciodvfy_problems(path: Path) -> list[str]:
+    """dciodvfy errors and warnings (the phantoms are clean of both)."""
     proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
-    return [line for line in (proc.stderr + proc.stdout).splitlines() if "Error" in line]
+    lines = (proc.stderr + proc.stdout).splitlines()
+    return [line for line in lines if "Error" in line or "Warning" in line]
 
 
 def _median_hu(r: CanonicalRender, point: tuple[float, float, float], half: int = 1) -> float:
@@ -198,6 +202,17 @@ def test_slice_truth_matches_emboli_z_extent() -> None:
     assert r.embolus_slices.shape == (150, len(case.emboli))
 
 
+def test_emboli_mask_marks_the_defect() -> None:
+    case = make_ctpa_case(31, kind="acute", location="right")
+    grid = np.arange(-150.0, 150.0, 2.0)
+    for e in case.emboli:
+        mask = emboli_mask(case, grid, grid, e.centre[2])
+        assert mask.any()
+        ys, xs = np.nonzero(mask)
+        assert np.all(grid[xs] < case.centre[0])  # right side: -x
+    assert not emboli_mask(_without_emboli(case), grid, grid, case.emboli[0].centre[2]).any()
+
+
 def test_emboli_outside_the_scan_range_refused() -> None:
     case = make_ctpa_case(31, kind="acute", location="central")
     with pytest.raises(ValueError, match="embolus"):
@@ -311,7 +326,9 @@ def test_dicom_attributes_and_dciodvfy(tmp_path: Path) -> None:
     assert sorted(int(d.InstanceNumber) for d in datasets) == list(range(1, 7))
     zs = [float(d.ImagePositionPatient[2]) for d in datasets]
     assert zs == sorted(zs)  # feet first: instance 1 is the most inferior
-    assert _dciodvfy_errors(series.paths[0]) == []
+    assert _dciodvfy_problems(series.paths[0]) == []
+    reference = hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)
+    assert reference.referenced_sop_instance_uid == ds.SOPInstanceUID
 
     silent = write_ctpa_series(
         tmp_path / "silent", case, rows=32, slices=2, slice_spacing_mm=1.0, contrast_agent=None
@@ -330,4 +347,4 @@ def test_scout_is_a_localizer(tmp_path: Path) -> None:
     assert ds.SeriesInstanceUID != series.series_uid
     assert ds.FrameOfReferenceUID == series.frame_of_reference_uid
     assert ds.pixel_array.shape == (128, 96)
-    assert _dciodvfy_errors(path) == []
+    assert _dciodvfy_problems(path) == []

@@ -8,8 +8,9 @@ Pipeline (one path for training and serving, see :func:`preprocess_volume`):
 2. the small stack is resampled along z to planes :data:`Z_STEP_MM` apart (any source
    spacing from 0.6 to 3 mm gives the same geometry to the network);
 3. MONAI's EfficientNet-B0 reads each plane with its neighbours at ±:data:`Z_STEP_MM`
-   as three channels and gives a slice embedding plus auxiliary per-slice logits
-   (:data:`SLICE_TARGETS`: embolus present, its site and age, heart level...);
+   as three channels and gives a slice embedding, auxiliary per-slice logits
+   (:data:`SLICE_TARGETS`: embolus present, its site and age, heart level...) and a coarse
+   map of where it sees an embolus (:func:`where_features`: left or right of the midline);
 4. a bidirectional GRU over the embeddings refines the per-plane ``pe_present_on_image``
    logit and, pooled, predicts the nine exam labels;
 5. per-plane logits are interpolated back to every **source** slice, and
@@ -68,6 +69,12 @@ SLICE_TARGETS: tuple[str, ...] = (
 )
 """Per-slice outputs of the encoder; only the first is served, the rest train the embedding."""
 
+WHERE_FEATURES = ("where_any", "where_right", "where_left")
+N_SLICE_FEATURES = len(SLICE_TARGETS) + len(WHERE_FEATURES)
+WHERE_STAGE = 4
+"""EfficientNet-B0 stage (112 channels, stride 16) the where map reads."""
+WHERE_CHANNELS = 112
+WHERE_SIDE_MM = 35.0
 Z_STEP_MM = 2.5
 CROP_MM = 280.0
 """In-plane field the network sees, around the reconstruction centre, at CROP_MM/size mm/px."""
@@ -95,12 +102,15 @@ RSNA_IMAGE_WEIGHT = 0.07361963
 
 
 class SliceEncoder(nn.Module):
-    """EfficientNet-B0 over (k-1, k, k+1): an embedding and the per-slice logits.
+    """EfficientNet-B0 over (k-1, k, k+1): an embedding, per-slice logits and a "where" map.
 
     Three changes to MONAI's defaults, all parameter-free, for a short training from
     scratch on CPU: batch-norm momentum 0.1 (the TF-style 0.01 leaves eval-mode statistics
     far from the trained ones), no stochastic depth, and global *max* pooling — an embolus
-    covers a few pixels and average pooling dilutes it.
+    covers a few pixels and average pooling dilutes it. The "where" map is a 1×1 convolution
+    on the stride-16 features (8×8 cells of 35 mm at 128 pixels) trained to mark the cells
+    holding an embolus; its maxima over the patient-left and patient-right parts of the field
+    (:func:`where_features`) tell the exam head on which side the encoder saw something.
     """
 
     def __init__(self) -> None:
@@ -118,34 +128,73 @@ class SliceEncoder(nn.Module):
                 module.drop_connect_rate = 0.0
         self.backbone._avg_pooling = nn.AdaptiveMaxPool2d(1)  # type: ignore[assignment]
         self.head = nn.Linear(EMBED_DIM, len(SLICE_TARGETS))
+        self.where = nn.Conv2d(WHERE_CHANNELS, 1, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        emb = self.backbone(x)
-        return emb, self.head(F.silu(emb))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(embedding, per-slice logits, where-map logits (n, 1, h, w))``; MONAI's own
+        forward, with the stride-16 features tapped on the way."""
+        b = self.backbone
+        stages = list(b._blocks)
+        h = b._swish(b._bn0(b._conv_stem(b._conv_stem_padding(x))))
+        for stage in stages[: WHERE_STAGE + 1]:
+            h = stage(h)
+        where = self.where(h)
+        for stage in stages[WHERE_STAGE + 1 :]:
+            h = stage(h)
+        h = b._swish(b._bn1(b._conv_head(b._conv_head_padding(h))))
+        emb = b._fc(b._dropout(b._avg_pooling(h).flatten(start_dim=1)))
+        return emb, self.head(F.silu(emb)), where
+
+
+def where_features(where: torch.Tensor) -> torch.Tensor:
+    """``(n, 3)``: the where map's maximum overall, over cells centred more than
+    :data:`WHERE_SIDE_MM` to the patient's right (-x), and to the patient's left (+x).
+
+    Map columns run toward +x (canonical orientation) across the central :data:`CROP_MM`.
+    """
+    w = where.shape[-1]
+    centres = (torch.arange(w, dtype=torch.float32) + 0.5) * CROP_MM / w - CROP_MM / 2.0
+    right = centres < -WHERE_SIDE_MM
+    left = centres > WHERE_SIDE_MM
+    flat = where[:, 0]
+    return torch.stack(
+        [
+            flat.amax(dim=(1, 2)),
+            flat[:, :, right].amax(dim=(1, 2)),
+            flat[:, :, left].amax(dim=(1, 2)),
+        ],
+        dim=1,
+    )
+
+
+def slice_features(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """What the exam head reads per plane besides the embedding: logits + where features."""
+    return torch.cat([logits, where_features(where)], dim=1)
 
 
 class ExamHead(nn.Module):
     """Bidirectional GRU over slice features: refined slice logits and exam logits.
 
-    Input per plane: the embedding and the encoder's per-slice logits. The refined slice
-    logit is the encoder's ``pe_present_on_image`` logit plus a GRU correction; the exam
-    logits come from the masked mean and max of the GRU states and of the slice logits.
+    Input per plane: the embedding and :func:`slice_features` (the encoder's per-slice
+    logits and where-map maxima). The refined slice logit is the encoder's
+    ``pe_present_on_image`` logit plus a GRU correction; the exam logits come from the masked
+    mean and max of the GRU states and of the slice features.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        n_in = EMBED_DIM + len(SLICE_TARGETS)
+        n_in = EMBED_DIM + N_SLICE_FEATURES
         self.norm = nn.LayerNorm(n_in)
         self.proj = nn.Linear(n_in, GRU_INPUT)
         self.drop = nn.Dropout(0.2)
         self.gru = nn.GRU(GRU_INPUT, GRU_HIDDEN, batch_first=True, bidirectional=True)
         self.slice_out = nn.Linear(2 * GRU_HIDDEN, 1)
-        self.exam_out = nn.Linear(4 * GRU_HIDDEN + 2 * len(SLICE_TARGETS), len(EXAM_LABELS))
+        self.exam_out = nn.Linear(4 * GRU_HIDDEN + 2 * N_SLICE_FEATURES, len(EXAM_LABELS))
 
     def forward(
         self, emb: torch.Tensor, slice_logits: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``emb`` (B, M, E), ``slice_logits`` (B, M, T), ``lengths`` (B,) on the CPU."""
+        """``emb`` (B, M, E), ``slice_logits`` (B, M, F) slice features, ``lengths`` (B,)."""
         b, m, _ = emb.shape
         feats = torch.cat([emb, slice_logits], dim=-1)
         x = self.drop(F.silu(self.proj(self.norm(feats))))
@@ -463,9 +512,9 @@ class PEClassifier(VolumeClassifier):
             for start in range(0, m, self.manifest.batch_size):
                 index = torch.arange(start, min(m, start + self.manifest.batch_size))
                 x = network_input(planes, index, spec).to(self.device)
-                emb, out = self.network.encoder(x)
+                emb, out, where = self.network.encoder(x)
                 embs.append(emb.float())
-                logits.append(out.float())
+                logits.append(slice_features(out, where).float())
             emb_all = torch.cat(embs)[None]
             logit_all = torch.cat(logits)[None]
             refined, exam = self.network.exam_head(emb_all, logit_all, torch.tensor([m]))

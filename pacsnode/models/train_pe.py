@@ -3,22 +3,29 @@
 ``python -m pacsnode.models.train_pe --out models/ct-pe --seed 0``
 
 Train/serve skew: every phantom goes through :func:`pacsnode.models.pe.preprocess_volume`
-(window, square field of view, resize, z-resampling to 2.5 mm) exactly as a served volume
+(window, central 280 mm at a fixed scale, z-resampling to 2.5 mm) exactly as a served volume
 does, from HU volumes rendered by :func:`pacsnode.phantoms.ctpa.render_canonical_annotated`
 at random matrix sizes, slice spacings (1.25–3 mm), fields of view and scan ranges.
 
-Stage 1 trains the EfficientNet-B0 slice encoder on balanced samples of planes (half with an
-embolus), with auxiliary per-slice targets (embolus site and age, heart level, RV ≥ LV,
-indeterminate study) so that its embedding carries what the exam head needs. Stage 2 freezes
-it, embeds every plane of every training exam once, and trains the GRU exam head with the
-RSNA-weighted exam loss plus the per-slice loss. The held-out test (seed base
-``seed + 1000``) goes through the serving :meth:`PEClassifier.predict_array`, including the
-consistency step, and reports the RSNA weighted log loss and per-label AUROC.
+Stage 1 trains the EfficientNet-B0 slice encoder: first (1a) on 64-pixel crops — half around
+an embolus, some on the ventricles (RV ≥ LV), the rest elsewhere — with labels from the
+embolus pixels and the encoder's where map (which 16-pixel cells hold one; crops are a third
+of the cost of a plane, and the map teaches *where* to look); then (1b) on whole planes, half
+with an embolus and most others at the same heights, with auxiliary per-slice targets
+(embolus site and age, heart level, RV ≥ LV, indeterminate study) so that the embedding
+carries what the exam head needs. Stage 2 freezes the encoder, embeds every plane of every
+training exam once, and trains the GRU exam head with the RSNA-weighted exam loss plus the
+per-slice loss.
+
+The held-out test (seed base ``seed + 1000``) goes through the serving
+:meth:`PEClassifier.predict_array`, including the consistency step, and reports the RSNA
+weighted log loss and per-label AUROC.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -52,10 +59,12 @@ from pacsnode.models.pe import (
     consistency_violations,
     network_input,
     preprocess_volume,
+    slice_features,
 )
 from pacsnode.phantoms.ctpa import (
     CanonicalRender,
     CtpaCase,
+    emboli_mask,
     make_ctpa_case,
     render_canonical_annotated,
 )
@@ -74,6 +83,14 @@ SITE_TARGET = {
     "right_lobar": "right",
 }
 TARGET_WEIGHT = torch.tensor([3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 1.0])
+DENSE_CELL_PX = 16
+"""Pixels per where-map cell (stride 16)."""
+CROP_PX = 64
+MIN_CROP_PIXELS = 3
+ARTERY_LEVELS = (-80.0, 60.0)
+"""Plane heights (mm from the pulmonary bifurcation, unscaled) where emboli can lie; hard
+negatives come from here so the encoder cannot learn "this is the artery level"."""
+HARD_NEGATIVE_FRACTION = 0.75
 
 
 def case_seed(base: int, index: int) -> int:
@@ -89,6 +106,9 @@ class Exam:
     targets: np.ndarray  # (m, T) float32 in [0, 1]
     mask: np.ndarray  # (m, T) float32: 1 where the target is defined
     exam: np.ndarray  # (9,) float32
+    masks: dict[int, np.ndarray]  # plane -> (s, s) uint8 embolus pixels: 1 acute, 2 chronic
+    heart_px: tuple[float, float]  # (row, column) of the ventricles' midpoint on the network grid
+    artery_level: np.ndarray  # (m,) bool: plane at the levels emboli can occupy
 
 
 def random_render(
@@ -139,37 +159,77 @@ def source_targets(case: CtpaCase, r: CanonicalRender) -> tuple[np.ndarray, np.n
     return t, mask
 
 
+def embolus_masks(case: CtpaCase, plane_z: np.ndarray, size: int) -> dict[int, np.ndarray]:
+    """Embolus pixels of each plane on the network's grid (the central :data:`CROP_MM`),
+    bit 1 acute, bit 2 chronic; planes without emboli are left out."""
+    grid = (np.arange(size) + 0.5) * CROP_MM / size - CROP_MM / 2.0
+    by_kind = [
+        (bit, dataclasses.replace(case, emboli=tuple(e for e in case.emboli if e.kind == kind)))
+        for bit, kind in ((1, "acute"), (2, "chronic"))
+    ]
+    out: dict[int, np.ndarray] = {}
+    for m, z in enumerate(plane_z):
+        mask = np.zeros((size, size), dtype=np.uint8)
+        for bit, sub in by_kind:
+            if sub.emboli:
+                mask[emboli_mask(sub, grid, grid, float(z))] |= bit
+        if mask.any():
+            out[m] = mask
+    return out
+
+
+def cells(mask: np.ndarray, cell: int = DENSE_CELL_PX) -> np.ndarray:
+    """Which ``cell``-pixel squares of a mask hold an embolus (the where map's target)."""
+    h, w = mask.shape[-2] // cell, mask.shape[-1] // cell
+    return np.asarray((mask > 0).reshape(*mask.shape[:-2], h, cell, w, cell).any(axis=(-3, -1)))
+
+
+def heart_pixel(case: CtpaCase, size: int) -> tuple[float, float]:
+    """Network-grid (row, column) of the midpoint between the RV and LV centres."""
+    rv = next(b for b in case.blobs if b.name == "rv").centre
+    lv = next(b for b in case.blobs if b.name == "lv").centre
+    scale = CROP_MM / size
+    x, y = (rv[0] + lv[0]) / 2.0, (rv[1] + lv[1]) / 2.0
+    return (y + CROP_MM / 2.0) / scale - 0.5, (x + CROP_MM / 2.0) / scale - 0.5
+
+
 def prepare_exam(seed: int, rng: np.random.Generator, spec: InputSpec) -> Exam:
     case, r, spacing = random_render(seed, rng, TRAIN_ROWS)
     planes, src, dst = preprocess_volume(r.hu, spacing, spec)
     t_src, m_src = source_targets(case, r)
     targets = np.stack([np.interp(dst, src, t_src[:, j]) for j in range(t_src.shape[1])], axis=1)
     mask = np.stack([np.interp(dst, src, m_src[:, j]) for j in range(m_src.shape[1])], 1) > 0.5
+    plane_z = r.z_mm[0] - dst
+    level = (plane_z - case.centre[2]) / case.scale
     return Exam(
         case=case,
         planes=planes.to(torch.float16),
         targets=targets.astype(np.float32),
         mask=mask.astype(np.float32),
         exam=np.array([case.truth[name] for name in EXAM_LABELS], dtype=np.float32),
+        masks=embolus_masks(case, plane_z, spec.size),
+        heart_px=heart_pixel(case, spec.size),
+        artery_level=(level > ARTERY_LEVELS[0]) & (level < ARTERY_LEVELS[1]),
     )
 
 
 def embed_exam(
     net: PENetwork, planes: torch.Tensor, spec: InputSpec, batch: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen-encoder embeddings and slice logits of every plane."""
+    """Frozen-encoder embeddings and slice features of every plane."""
     embs, logits = [], []
     with torch.inference_mode():
         for start in range(0, planes.shape[0], batch):
             index = torch.arange(start, min(planes.shape[0], start + batch))
-            e, o = net.encoder(network_input(planes, index, spec))
+            e, o, w = net.encoder(network_input(planes, index, spec))
             embs.append(e)
-            logits.append(o)
+            logits.append(slice_features(o, w))
     return torch.cat(embs).clone(), torch.cat(logits).clone()
 
 
 def shift_augment(x: torch.Tensor, gen: torch.Generator, max_px: int) -> torch.Tensor:
-    """Random in-plane translation (per batch), no flips: laterality is a label."""
+    """Random in-plane translation (per batch), no flips: laterality is a label. The dense
+    targets are 16-pixel cells, so shifts of a few pixels leave them valid."""
     if max_px <= 0:
         return x
     dy, dx = (int(v) for v in torch.randint(-max_px, max_px + 1, (2,), generator=gen))
@@ -265,8 +325,10 @@ def write_model_card(out: Path, metrics: dict, version: str) -> None:
 - Layout of the RSNA STR PE winners: a 2D slice encoder (MONAI
   `EfficientNetBN("efficientnet-b0", spatial_dims=2, in_channels=3)`, 128-d embedding and
   {len(SLICE_TARGETS)} per-slice logits; batch-norm momentum 0.1, no stochastic depth, global
-  max pooling) over three neighbouring planes, and a bidirectional GRU exam head (hidden 64)
-  giving refined per-slice `pe_present_on_image` and the nine exam labels.
+  max pooling; plus an 8×8 "where" map on the stride-16 features whose maxima left and right
+  of the midline tell the exam head on which side an embolus was seen) over three
+  neighbouring planes, and a bidirectional GRU exam head (hidden 64) giving refined
+  per-slice `pe_present_on_image` and the nine exam labels.
 - Input: `pacsnode.models.pe.preprocess_volume` — PE window WL 100 / WW 700; the central
   {CROP_MM:.0f} mm square of each slice (around the reconstruction centre) resampled to
   {metrics["input_size"]}×{metrics["input_size"]} (antialiased, {CROP_MM / metrics["input_size"]:.2f} mm per
@@ -297,9 +359,16 @@ def write_model_card(out: Path, metrics: dict, version: str) -> None:
   Each phantom is rendered at a random {"/".join(str(r) for r in TRAIN_ROWS)}-pixel matrix,
   {", ".join(str(s) for s in SPACINGS)} mm slice spacing, 150–230 mm scan range and field of
   view, and goes through the serving preprocessing.
-- Stage 1: {a["stage1_steps"]} steps of {a["batch_size"]} planes (half with an embolus), AdamW
-  lr {a["lr"]} one-cycle, random in-plane shifts (no flips: laterality is a label), BCE on the
-  {len(SLICE_TARGETS)} per-slice targets.
+- Stage 1a: {a["crop_steps"]} steps of {a["crop_batch"]} crops of {CROP_PX}×{CROP_PX} pixels
+  (half around an embolus, an eighth on the ventricles, an eighth elsewhere on planes with an
+  embolus, a quarter on artery-level planes without), AdamW lr {a["lr"]} one-cycle; targets
+  from the embolus pixels (embolus present, acute, chronic), RV ≥ LV on the ventricle crops,
+  and the where map (16-pixel cells on stride-16 features). Crops cost a third of a full
+  plane, so the encoder sees three times as many examples in the same time.
+- Stage 1b: {a["full_steps"]} steps of {a["batch_size"]} whole planes (half with an embolus,
+  most of the others at artery level), lr {a["full_lr"]}, random shifts of a few pixels (no
+  flips: laterality is a label), BCE on all {len(SLICE_TARGETS)} per-slice targets plus the
+  where map.
 - Stage 2: encoder frozen, every plane embedded once; GRU head {a["head_epochs"]} epochs with
   the RSNA exam weights plus the per-slice loss.
 - Time: {metrics["seconds"]:.0f} s ({metrics["seconds"] / 60:.1f} min) wall for the whole
@@ -355,13 +424,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=240)
-    parser.add_argument("--n-head-extra", type=int, default=100)
-    parser.add_argument("--n-test", type=int, default=120)
+    parser.add_argument("--n-head-extra", type=int, default=60)
+    parser.add_argument("--n-test", type=int, default=100)
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--stage1-steps", type=int, default=640)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--crop-steps", type=int, default=1100)
+    parser.add_argument("--crop-batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--head-epochs", type=int, default=40)
+    parser.add_argument("--full-steps", type=int, default=180)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--full-lr", type=float, default=1e-3)
+    parser.add_argument("--dense-weight", type=float, default=1.0)
+    parser.add_argument("--head-epochs", type=int, default=60)
     parser.add_argument("--head-lr", type=float, default=2e-3)
     parser.add_argument("--version", default="0.1.0-phantom")
     args = parser.parse_args(argv)
@@ -387,53 +460,158 @@ def main(argv: list[str] | None = None) -> int:
     ]
     pos_idx: list[tuple[int, int]] = []
     neg_idx: list[tuple[int, int]] = []
+    hard_idx: list[tuple[int, int]] = []
     for e_i, ex in enumerate(exams):
         for m in range(ex.planes.shape[0]):
-            (pos_idx if ex.targets[m, 0] >= 0.5 else neg_idx).append((e_i, m))
+            if ex.targets[m, 0] >= 0.5:
+                pos_idx.append((e_i, m))
+            else:
+                neg_idx.append((e_i, m))
+                if ex.artery_level[m]:
+                    hard_idx.append((e_i, m))
     log(
-        f"rendered {len(exams)} training exams, {len(pos_idx)} planes with an embolus, "
-        f"{len(neg_idx)} without"
+        f"rendered {len(exams)} training exams: {len(pos_idx)} planes with an embolus, "
+        f"{len(neg_idx)} without ({len(hard_idx)} of them at artery level)"
     )
+    mask_planes = [(e_i, m) for e_i, ex in enumerate(exams) for m in ex.masks]
+    col = {name: i for i, name in enumerate(SLICE_TARGETS)}
+    heart_planes = [
+        (e_i, m)
+        for e_i, ex in enumerate(exams)
+        for m in range(ex.planes.shape[0])
+        if ex.targets[m, col["ventricles"]] >= 0.5
+    ]
 
-    def batch_of(pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        xs, ys, ms = [], [], []
+    def plane_input(e_i: int, m: int) -> torch.Tensor:
+        return network_input(exams[e_i].planes, torch.tensor([m]), spec)
+
+    def crop_batch(
+        n: int, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """64-pixel crops: half around an embolus, an eighth on the ventricles (RV ≥ LV),
+        an eighth elsewhere on planes with an embolus, a quarter on artery-level planes
+        without; embolus labels from the embolus pixels."""
+        size = spec.size
+        xs, ys, ws, ds = [], [], [], []
+        for k in range(n):
+            u = int(torch.randint(0, 1 << 30, (1,), generator=gen))
+            rng = np.random.default_rng([args.seed, step, k, u])
+            rv_target, rv_weight = 0.0, 0.0
+            if k < n // 2:
+                e_i, m = mask_planes[int(rng.integers(len(mask_planes)))]
+                mask = exams[e_i].masks[m]
+                pts = np.argwhere(mask > 0)
+                r, c = pts[int(rng.integers(len(pts)))]
+                r0 = int(np.clip(r - rng.integers(8, CROP_PX - 8), 0, size - CROP_PX))
+                c0 = int(np.clip(c - rng.integers(8, CROP_PX - 8), 0, size - CROP_PX))
+            elif k < 5 * n // 8:
+                e_i, m = heart_planes[int(rng.integers(len(heart_planes)))]
+                ex = exams[e_i]
+                mask = ex.masks.get(m, np.zeros((size, size), np.uint8))
+                hr, hc = ex.heart_px
+                r0 = int(np.clip(hr - CROP_PX / 2 + rng.integers(-8, 9), 0, size - CROP_PX))
+                c0 = int(np.clip(hc - CROP_PX / 2 + rng.integers(-8, 9), 0, size - CROP_PX))
+                rv_target, rv_weight = float(ex.targets[m, col["rv_gte_lv"]]), 1.0
+            elif k < 3 * n // 4:
+                e_i, m = mask_planes[int(rng.integers(len(mask_planes)))]
+                mask = exams[e_i].masks[m]
+                r0, c0 = (int(v) for v in rng.integers(8, size - CROP_PX - 8, 2))
+            else:
+                e_i, m = hard_idx[int(rng.integers(len(hard_idx)))]
+                mask = exams[e_i].masks.get(m, np.zeros((size, size), np.uint8))
+                r0, c0 = (int(v) for v in rng.integers(8, size - CROP_PX - 8, 2))
+            window = mask[r0 : r0 + CROP_PX, c0 : c0 + CROP_PX]
+            counts = [int((window > 0).sum()), int((window & 1).sum()), int((window & 2).sum())]
+            xs.append(plane_input(e_i, m)[:, :, r0 : r0 + CROP_PX, c0 : c0 + CROP_PX])
+            ys.append([float(c >= MIN_CROP_PIXELS) for c in counts] + [rv_target])
+            ws.append([0.0 if 0 < c < MIN_CROP_PIXELS else 1.0 for c in counts] + [rv_weight])
+            ds.append(cells(window))
+        return (
+            torch.cat(xs).contiguous(memory_format=torch.channels_last),
+            torch.tensor(ys),
+            torch.tensor(ws),
+            torch.from_numpy(np.stack(ds)).float().unsqueeze(1),
+        )
+
+    def plane_batch(
+        pairs: list[tuple[int, int]],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        empty = np.zeros((spec.size, spec.size), np.uint8)
+        xs, ys, ms, ds = [], [], [], []
         for e_i, m in pairs:
             ex = exams[e_i]
-            xs.append(network_input(ex.planes, torch.tensor([m]), spec))
+            xs.append(plane_input(e_i, m))
             ys.append(ex.targets[m])
             ms.append(ex.mask[m])
+            ds.append(cells(ex.masks.get(m, empty)))
         return (
             torch.cat(xs).contiguous(memory_format=torch.channels_last),
             torch.from_numpy(np.stack(ys)),
             torch.from_numpy(np.stack(ms)),
+            torch.from_numpy(np.stack(ds)).float().unsqueeze(1),
         )
 
-    # --- stage 1: slice encoder
+    # --- stage 1: slice encoder with its where map
     net = build_network()
     net.encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    opt = torch.optim.AdamW(net.encoder.parameters(), lr=args.lr, weight_decay=1e-4)
+    params = list(net.encoder.parameters())
+    dense_pos_weight = torch.tensor(5.0)
+    crop_cols = [
+        SLICE_TARGETS.index(n) for n in ("pe_present_on_image", "acute", "chronic", "rv_gte_lv")
+    ]
+    crop_w = torch.tensor([3.0, 1.0, 1.0, 1.0])
+
+    def where_loss(where: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(where, target, pos_weight=dense_pos_weight)
+
+    # 1a: crops (a third of the compute of a full plane), embolus and age targets
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=args.lr, total_steps=args.stage1_steps, pct_start=0.15
+        opt, max_lr=args.lr, total_steps=args.crop_steps, pct_start=0.15
     )
-    half = args.batch_size // 2
     net.encoder.train()
     running = 0.0
-    for step in range(args.stage1_steps):
-        p_sel = torch.randint(0, len(pos_idx), (half,), generator=gen).tolist()
-        n_sel = torch.randint(0, len(neg_idx), (args.batch_size - half,), generator=gen).tolist()
-        x, y, defined = batch_of([pos_idx[i] for i in p_sel] + [neg_idx[i] for i in n_sel])
-        x = shift_augment(x, gen, 6)
-        _, logits = net.encoder(x)
-        loss_el = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
-        weights = defined * TARGET_WEIGHT
-        loss = (loss_el * weights).sum() / weights.sum()
+    for step in range(args.crop_steps):
+        x, y, w, dense = crop_batch(args.crop_batch, step)
+        _, logits, where = net.encoder(x)
+        loss_el = F.binary_cross_entropy_with_logits(logits[:, crop_cols], y, reduction="none")
+        loss = (loss_el * w * crop_w).sum() / (w * crop_w).sum()
+        loss = loss + args.dense_weight * where_loss(where, dense)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
-        if (step + 1) % 50 == 0 or step + 1 == args.stage1_steps:
-            log(f"stage 1 step {step + 1}/{args.stage1_steps}: loss {running:.4f}")
+        if (step + 1) % 100 == 0 or step + 1 == args.crop_steps:
+            log(f"stage 1a (crops) step {step + 1}/{args.crop_steps}: loss {running:.4f}")
+
+    # 1b: whole planes, every per-slice target (sites, heart level, RV:LV, quality)
+    opt = torch.optim.AdamW(params, lr=args.full_lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=args.full_lr, total_steps=args.full_steps, pct_start=0.2
+    )
+    half = args.batch_size // 2
+    n_hard = int(round((args.batch_size - half) * HARD_NEGATIVE_FRACTION))
+    n_easy = args.batch_size - half - n_hard
+    for step in range(args.full_steps):
+        p_sel = torch.randint(0, len(pos_idx), (half,), generator=gen).tolist()
+        h_sel = torch.randint(0, len(hard_idx), (n_hard,), generator=gen).tolist()
+        n_sel = torch.randint(0, len(neg_idx), (n_easy,), generator=gen).tolist()
+        pairs = [pos_idx[i] for i in p_sel] + [hard_idx[i] for i in h_sel]
+        x, y, defined, dense = plane_batch(pairs + [neg_idx[i] for i in n_sel])
+        x = shift_augment(x, gen, 4)
+        _, logits, where = net.encoder(x)
+        loss_el = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+        weights = defined * TARGET_WEIGHT
+        loss = (loss_el * weights).sum() / weights.sum()
+        loss = loss + args.dense_weight * where_loss(where, dense)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running = 0.98 * running + 0.02 * loss.item()
+        if (step + 1) % 50 == 0 or step + 1 == args.full_steps:
+            log(f"stage 1b (planes) step {step + 1}/{args.full_steps}: loss {running:.4f}")
     net.encoder.eval()
 
     # --- stage 2: embeddings once, then the GRU head
@@ -533,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     tmp = weights.with_suffix(".tmp")
     save_file(state, str(tmp), metadata=meta)
+    tmp.chmod(0o644)  # safetensors creates it owner-only; it is a repository file
     tmp.replace(weights)
     manifest_path = args.out / MANIFEST_FILE
     set_manifest_value(manifest_path, "input", "size", str(args.size))

@@ -926,7 +926,7 @@ def _new_file(sop_uid: str) -> FileDataset:
     return ds
 
 
-def _pixels(ds: Dataset, hu: np.ndarray) -> None:
+def _pixels(ds: Dataset, hu: np.ndarray, rescale_type: str | None = "HU") -> None:
     stored = np.clip(np.rint(hu) + 1024.0, -32768, 32767).astype(np.int16)
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -937,7 +937,8 @@ def _pixels(ds: Dataset, hu: np.ndarray) -> None:
     ds.PixelRepresentation = 1
     ds.RescaleIntercept = -1024
     ds.RescaleSlope = 1
-    ds.RescaleType = "HU"
+    if rescale_type:
+        ds.RescaleType = rescale_type
     ds.PixelData = stored.tobytes()
 
 
@@ -1137,7 +1138,7 @@ def write_scout(
     ds.SliceThickness = 0.6
     ds.WindowCenter = -300
     ds.WindowWidth = 1500
-    _pixels(ds, img.astype(np.float32))
+    _pixels(ds, img.astype(np.float32), rescale_type=None)  # HU is wrong for a localizer
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"scout_{series_number}.dcm"
     ds.save_as(path, enforce_file_format=True)
