@@ -42,13 +42,23 @@ class LabelSpec(_Strict):
     reported: bool = False
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     code: CodeSpec | None = None
-    level: Literal["image", "exam"] = "image"
-    """``image``: one value per image or slice; ``exam``: one value per series (CT PE exam labels)."""
+    level: Literal["image", "exam", "segment"] = "image"
+    """``image``: one value per image or slice; ``exam``: one value per series (CT PE exam
+    labels); ``segment``: one binary segment of a DICOM SEG (CT kidney); ``code`` is then the
+    Segmented Property Type."""
+    category: CodeSpec | None = None
+    """Segments only: the Segmented Property Category (e.g. SCT 91723000 Anatomical Structure)."""
+    anatomic_region: CodeSpec | None = None
+    """Segments only: where a finding segment lies (e.g. SCT 64033007 Kidney for a tumour)."""
 
     @model_validator(mode="after")
     def _reported_needs_code(self) -> LabelSpec:
         if self.reported and self.code is None:
             raise ValueError(f"label {self.name!r} is reported but has no code")
+        if self.level == "segment" and (self.code is None or self.category is None):
+            raise ValueError(f"segment {self.name!r} needs a code and a category")
+        if self.level != "segment" and (self.category or self.anatomic_region):
+            raise ValueError(f"label {self.name!r}: category/anatomic_region are for segments")
         return self
 
 
@@ -117,6 +127,11 @@ class Manifest(_Strict):
     @property
     def image_labels(self) -> list[LabelSpec]:
         return [label for label in self.labels if label.level == "image"]
+
+    @property
+    def segment_labels(self) -> list[LabelSpec]:
+        """Segments in manifest order; the SEG's segment number is the 1-based index here."""
+        return [label for label in self.labels if label.level == "segment"]
 
 
 def load_manifest(model_dir: Path) -> Manifest:

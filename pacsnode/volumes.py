@@ -147,6 +147,25 @@ class Volume:
     slices: tuple[SliceRef, ...]  # slices[k] is the source of array[k]
     series_uid: str
     excluded: tuple[str, ...] = field(default=())
+    perm: tuple[int, int, int] = (0, 1, 2)
+    """Canonical axis t (k, j, i) comes from source axis ``perm[t]`` (slice, row, column)."""
+    flip: tuple[bool, bool, bool] = (False, False, False)
+    """Canonical axis t runs against its source axis."""
+
+    def to_source(self, canonical: np.ndarray) -> tuple[np.ndarray, tuple[SliceRef, ...]]:
+        """A view of a canonical-shaped array as source frames: ``frames[m]`` is ``refs[m]``.
+
+        ``frames[m]`` has the source's (Rows, Columns) in the source's own row and column
+        order, so a mask computed on the volume lands on its source slice pixel for pixel
+        (what a DICOM SEG referencing the source needs).
+        """
+        if canonical.shape != self.array.shape:
+            raise ValueError(f"shape {canonical.shape} is not the volume's {self.array.shape}")
+        flipped = canonical[tuple(slice(None, None, -1) if f else slice(None) for f in self.flip)]
+        frames = flipped.transpose(tuple(int(a) for a in np.argsort(self.perm)))
+        slice_axis = self.perm.index(0)
+        refs = self.slices[::-1] if self.flip[slice_axis] else self.slices
+        return frames, tuple(refs)
 
 
 # ------------------------------------------------------------------------ reading headers
@@ -760,4 +779,6 @@ def load_volume(plan: VolumePlan) -> Volume:
         slices=tuple(slices),
         series_uid=plan.series_uid,
         excluded=plan.excluded,
+        perm=layout.perm,
+        flip=layout.flip,
     )

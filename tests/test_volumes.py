@@ -129,6 +129,35 @@ def test_every_acquisition_gives_the_same_volume(
     assert enhanced == all(s.frame is not None for s in volume.slices)
 
 
+@pytest.mark.parametrize(
+    "geometry",
+    [*POSITIONS, "coronal", "sagittal", "coronal-reversed"],
+)
+def test_to_source_puts_every_voxel_back_on_its_source_pixel(
+    tmp_path: Path, geometry: str
+) -> None:
+    """What a DICOM SEG needs: canonical masks mapped back onto each source frame exactly."""
+    kwargs: dict[str, object] = {"shuffle": True, "seed": 3}
+    if geometry.startswith("coronal"):
+        kwargs.update(iop=CORONAL_IOP, reverse=geometry.endswith("reversed"))
+    elif geometry == "sagittal":
+        kwargs.update(iop=SAGITTAL_IOP)
+    else:
+        kwargs.update(patient_position=geometry)
+    paths = write_ct_series(tmp_path, HU, SPACING, **kwargs)  # type: ignore[arg-type]
+    volume = _volume(paths)
+    frames, refs = volume.to_source(volume.array)
+    assert len(refs) == frames.shape[0] == len(paths)
+    for frame, ref in zip(frames, refs, strict=True):
+        ds = dcmread(ref.path)
+        assert str(ds.SOPInstanceUID) == ref.sop_instance_uid
+        pixels = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        assert frame.shape == pixels.shape
+        assert np.array_equal(frame, pixels.astype(np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        volume.to_source(volume.array[:-1])
+
+
 def test_marker_position_agrees_with_the_dicom_formula(tmp_path: Path) -> None:
     """Independent of pacsnode: locate the marker pixel with PS3.3 C.7.6.2.1.1 by hand."""
     paths = write_ct_series(tmp_path, HU, SPACING, patient_position="FFP", shuffle=True)

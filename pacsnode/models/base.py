@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydicom.dataset import Dataset
 
@@ -86,3 +87,35 @@ class VolumeClassifier(ABC):
     @abstractmethod
     def classify(self, volume: Volume) -> SeriesResult:
         """Classify one canonical-orientation volume (see :mod:`pacsnode.volumes`)."""
+
+
+@dataclass
+class SegmentationResult:
+    """A volume segmenter's output for one series, on the source voxel grid.
+
+    ``masks`` maps every ``level = "segment"`` label of the manifest to a boolean array of
+    exactly ``volume.array.shape`` in canonical orientation (see :mod:`pacsnode.volumes`):
+    no resampling is left to the writers, so ``volume.to_source(mask)`` gives the frame of
+    each source slice. Segments may overlap (a kidney segment includes its tumour and cysts,
+    as in KiTS19).
+    """
+
+    series_uid: str
+    volume: Volume
+    masks: dict[str, np.ndarray]
+
+
+class VolumeSegmenter(ABC):
+    """A warm model that segments a whole CT volume (the kidney cascade is one)."""
+
+    manifest: Manifest
+    device: torch.device
+
+    @classmethod
+    @abstractmethod
+    def load(cls, model_dir: Path, device: torch.device) -> VolumeSegmenter:
+        """Load the manifest and verified weights from ``model_dir`` onto ``device``."""
+
+    @abstractmethod
+    def segment(self, volume: Volume) -> SegmentationResult:
+        """Segment one canonical-orientation volume; masks on the volume's own grid."""
