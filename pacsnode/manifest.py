@@ -69,6 +69,8 @@ class CtCriteria(_Strict):
     body_parts: list[str] = []  # empty: any; "" in the list admits a missing BodyPartExamined
     require_contrast: bool = False
     """Refuse a series whose header says no contrast was given; a silent header is accepted."""
+    prefer_contrast: bool = False
+    """Rank a series whose header names a contrast agent above one that does not (first rule)."""
     min_slices: int = Field(20, ge=2)
 
 
