@@ -6,6 +6,9 @@ soft-tissue kernels of the same acquisition. A volume model (its manifest has
 manifest (axial, not a localizer, slice thickness, body part, contrast, enough slices);
 among the qualifying series the rule is, in order:
 
+0. only for a model whose criteria say ``prefer_contrast`` (the kidney model): a series
+   whose header names a contrast agent, before one that is silent (a multiphase abdomen
+   study has a non-contrast phase as thin as the portal-venous one);
 1. the thinnest slices;
 2. then the most slices;
 3. then the soft-tissue kernel (soft tissue, then unknown, then lung, then bone);
@@ -194,7 +197,7 @@ def choose(summaries: Sequence[SeriesSummary], criteria: CtCriteria) -> Selectio
             reasons[summary.series_uid] = f"not eligible: {reason}"
     if not qualifying:
         return Selection(None, reasons)
-    ranked = sorted(qualifying, key=_rank)
+    ranked = sorted(qualifying, key=lambda summary: _rank(summary, criteria))
     chosen = ranked[0]
     reasons[chosen.series_uid] = f"selected: {chosen.describe()}" + (
         f" (best of {len(ranked)} eligible series)" if len(ranked) > 1 else ""
@@ -202,13 +205,19 @@ def choose(summaries: Sequence[SeriesSummary], criteria: CtCriteria) -> Selectio
     for other in ranked[1:]:
         reasons[other.series_uid] = (
             f"eligible but not selected: series {chosen.series_uid} has "
-            f"{_why_better(chosen, other)} ({other.describe()})"
+            f"{_why_better(chosen, other, criteria)} ({other.describe()})"
         )
     return Selection(chosen, reasons)
 
 
-def _rank(s: SeriesSummary) -> tuple[float, int, int, int, str]:
+def says_contrast(agent: str | None) -> bool:
+    """True when the header names a contrast agent."""
+    return bool(agent and agent.strip()) and not says_no_contrast(agent)
+
+
+def _rank(s: SeriesSummary, criteria: CtCriteria) -> tuple[int, float, int, int, int, str]:
     return (
+        0 if not criteria.prefer_contrast or says_contrast(s.contrast_agent) else 1,
         s.slice_thickness if s.slice_thickness is not None else math.inf,
         -s.slices,
         KERNEL_RANK[s.kernel_family],
@@ -217,13 +226,15 @@ def _rank(s: SeriesSummary) -> tuple[float, int, int, int, str]:
     )
 
 
-def _why_better(chosen: SeriesSummary, other: SeriesSummary) -> str:
-    a, b = _rank(chosen), _rank(other)
+def _why_better(chosen: SeriesSummary, other: SeriesSummary, criteria: CtCriteria) -> str:
+    a, b = _rank(chosen, criteria), _rank(other, criteria)
     if a[0] != b[0]:
-        return f"thinner slices ({chosen.slice_thickness:g} mm)"
+        return f"contrast in its header ({chosen.contrast_agent})"
     if a[1] != b[1]:
-        return f"more slices ({chosen.slices})"
+        return f"thinner slices ({chosen.slice_thickness:g} mm)"
     if a[2] != b[2]:
+        return f"more slices ({chosen.slices})"
+    if a[3] != b[3]:
         return f"a preferred kernel ({chosen.kernel_family})"
     return "a lower series number"
 

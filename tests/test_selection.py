@@ -117,6 +117,22 @@ def test_choose_thinnest_then_most_slices_then_soft_tissue() -> None:
     assert selection.choose([], CRITERIA).chosen is None
 
 
+def test_prefer_contrast_ranks_a_named_agent_before_a_thinner_silent_series() -> None:
+    """A multiphase abdomen study: the non-contrast phase is as thin as the venous phase."""
+    criteria = CRITERIA.model_copy(update={"require_contrast": False, "prefer_contrast": True})
+    plain = summary(ct_header(series_uid="3.1", number=2, thickness=0.75, contrast=None), 400)
+    stated_no = summary(ct_header(series_uid="3.2", number=3, thickness=0.75, contrast="NONE"))
+    venous = summary(ct_header(series_uid="3.3", number=4, contrast="Iohexol"), 300)
+    choice = selection.choose([plain, stated_no, venous], criteria)
+    assert choice.chosen is not None and choice.chosen.series_uid == "3.3"
+    assert "contrast in its header (Iohexol)" in choice.reasons["3.1"]
+    assert "contrast in its header" in choice.reasons["3.2"]
+    # without the preference the thinner silent series wins, as for the PE model
+    assert selection.choose([plain, venous], CRITERIA).chosen == plain
+    # with no contrast series at all the ordinary rule still chooses
+    assert selection.choose([plain, stated_no], criteria).chosen == plain
+
+
 # ------------------------------------------------------------------ routing with real headers
 
 
