@@ -198,7 +198,9 @@ def test_laterality_of_clearly_one_sided_emboli(model: PEClassifier, location: s
     so this test does not ask for it to be below.
     """
     same, other = (
-        ("leftsided_pe", "rightsided_pe") if location == "left" else ("rightsided_pe", "leftsided_pe")
+        ("leftsided_pe", "rightsided_pe")
+        if location == "left"
+        else ("rightsided_pe", "leftsided_pe")
     )
     for i in range(3):
         case = make_ctpa_case(HELDOUT_SEED_BASE + 100 + i, kind="acute", location=location)

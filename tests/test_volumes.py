@@ -133,9 +133,7 @@ def test_every_acquisition_gives_the_same_volume(
     "geometry",
     [*POSITIONS, "coronal", "sagittal", "coronal-reversed"],
 )
-def test_to_source_puts_every_voxel_back_on_its_source_pixel(
-    tmp_path: Path, geometry: str
-) -> None:
+def test_to_source_puts_every_voxel_back_on_its_source_pixel(tmp_path: Path, geometry: str) -> None:
     """What a DICOM SEG needs: canonical masks mapped back onto each source frame exactly."""
     kwargs: dict[str, object] = {"shuffle": True, "seed": 3}
     if geometry.startswith("coronal"):
