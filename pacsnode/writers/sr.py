@@ -47,6 +47,25 @@ Volume classifier layout (same header; the evidence lists every instance of the 
         Source of Measurement (group) -> the highest-probability slice, where a viewer
         that follows TID 1501 opens the series
 
+Segmenter layout (CT kidney; same header, the evidence lists the series and the SEG)::
+
+    Procedure Reported = 99PACSNODE "CT of kidneys" (overridable; see CT_KIDNEYS)
+    Imaging Measurements
+      per reported segment found, in manifest order: Measurement Group (TID 1411)
+        Tracking Identifier (label name; the SEG segment's Tracking UID), Finding Category
+        and Finding (the segment's category and property type), Finding Site (its anatomic
+        region, when the manifest gives one), Algorithm Identification
+        Referenced Segment -> the SEG instance and segment number, with its source images
+        NUM SCT 118565006 "Volume", UCUM "cm3" (= mL), TID 4019
+        lesions only (category SCT 49755003 "Morphologically Abnormal Structure"):
+          NUM SCT 103339001 "Long axis" = longest diameter, UCUM "mm", TID 4019
+      Measurement Group (TID 1501) "segments not found", when a reported segment is empty
+        Tracking Identifier, Algorithm Identification
+        per empty segment: CODE <property type> = SCT Absent
+      (nothing found at all: no SEG, and only this group, every segment Absent)
+
+The numbers are those of :mod:`pacsnode.measurements`; see there for what a diameter is.
+
 A slice is *positive* when its probability is at least the image label's threshold. The
 range is the extent from the first to the last positive slice in anatomical order
 (superior to inferior); slices in between may be negative. Instance numbers and z (mm,
@@ -96,7 +115,8 @@ from pydicom.sr.coding import Code
 from pacsnode import __version__
 from pacsnode.errors import InvalidDatasetError
 from pacsnode.manifest import LabelSpec, Manifest
-from pacsnode.models.base import ImageResult, SeriesResult, SliceScore
+from pacsnode.measurements import SegmentMeasurement
+from pacsnode.models.base import ImageResult, SegmentationResult, SeriesResult, SliceScore
 from pacsnode.uids import derive_uid
 
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
@@ -111,6 +131,12 @@ CID 100 has no CT angiography entry, and the only SNOMED CT identifier we found 
 US-extension concept we could not verify in an official browser; a wrong public code is
 worse than an honest local one. Sites that have a verified code pass ``procedure_reported``.
 """
+
+CT_KIDNEYS = Code("ct-kidneys", "99PACSNODE", "CT of kidneys")
+"""Default "Procedure Reported" of the kidney segmentation report, local for the same reason
+as :data:`CT_PULMONARY_ANGIOGRAPHY`: pydicom's code dictionary has no CT of the abdomen or
+kidneys, and CID 100's only CT entries are LOINC "CT unspecified body region" and a head
+perfusion."""
 
 MANUFACTURER = "pacsnode"
 DEMO_DISCLAIMER = "DEMO, synthetic-trained, not for clinical use"
@@ -146,6 +172,15 @@ SLICES_UNIT = Code("{slices}", "UCUM", "slices")
 """A count of slices: UCUM ``1`` with an annotation, so it is never taken for a probability."""
 INSTANCE_NUMBER_UNIT = Code("{instance}", "UCUM", "instance number")
 MILLIMETRE = codes.UCUM.Millimeter
+VOLUME = codes.SCT.Volume
+"""SCT 118565006 "Volume" (CID 7472 Volume Measurement)."""
+VOLUME_UNIT = codes.UCUM.CubicCentimeter
+"""UCUM ``cm3`` (CID 7181): one mL; pydicom's code dictionary has no ``ml`` unit."""
+LONGEST_DIAMETER = codes.SCT.LongAxis
+"""SCT 103339001 "Long axis" (CID 7470 Linear Measurement): a lesion's longest diameter."""
+LESION_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure
+"""Segments of this Segmented Property Category get a longest diameter in the report."""
+SEGMENT_REPORT_CODES = (VOLUME, VOLUME_UNIT, LONGEST_DIAMETER, MILLIMETRE, codes.SCT.Absent)
 
 LONG_STRING_MAX = 64
 """Characters of a LO value (SeriesDescription, ManufacturerModelName, Code Meaning)."""
@@ -582,6 +617,234 @@ def read_series_report(sr: Dataset, manifest: Manifest | None = None) -> SeriesR
     )
 
 
+def build_segmentation_report(
+    sources: Sequence[Dataset],
+    result: SegmentationResult,
+    seg: Dataset | None,
+    measurements: dict[str, SegmentMeasurement],
+    manifest: Manifest,
+    *,
+    series_number: int = 7001,
+    now: datetime | None = None,
+    procedure_reported: Code = CT_KIDNEYS,
+) -> hd.sr.EnhancedSR:
+    """Build the Measurement Report of a segmenter's ``result``: what it found, and how big.
+
+    Parameters
+    ----------
+    sources
+        Headers of the series' instances; all become evidence, patient and study come from
+        ``sources[0]`` (character set as for :func:`build_measurement_report`).
+    result
+        The segmenter's output for the series of ``sources``.
+    seg
+        The SEG of ``result`` (:func:`pacsnode.writers.seg.build_segmentation`), or None
+        when nothing was found. Its segments are matched to labels by Tracking ID, and
+        each measurement group references its segment by number.
+    measurements
+        :func:`pacsnode.measurements.measure` of ``result``: the non-empty segments.
+    manifest
+        The model's manifest: reported ``level = "segment"`` labels appear in manifest
+        order, found ones with their measurements, the others as Absent.
+    series_number, now
+        As for :func:`build_measurement_report`.
+    procedure_reported
+        TID 1500 "Procedure Reported"; defaults to :data:`CT_KIDNEYS`.
+
+    Raises
+    ------
+    ValueError
+        When ``sources`` is empty or spans several series, ``result`` is of another series,
+        or ``seg`` and ``measurements`` disagree on which segments were found.
+    InvalidDatasetError
+        When the first source lacks an attribute the SR must carry.
+    """
+    if len(sources) == 0:
+        raise ValueError("sources: at least one instance is needed to build a segmentation report")
+    first = check_sources(sources, "SR")
+    series_uid = str(first.SeriesInstanceUID)
+    if result.series_uid != series_uid:
+        raise ValueError(
+            f"result: model {manifest.name} segmented series {result.series_uid}, "
+            f"but the sources are of series {series_uid}"
+        )
+    labels = [label for label in manifest.segment_labels if label.reported]
+    unknown = sorted(set(measurements) - {label.name for label in manifest.segment_labels})
+    if unknown:
+        raise ValueError(
+            f"measurements: {', '.join(unknown)} are not segment labels of model {manifest.name}"
+        )
+    found = [label for label in labels if label.name in measurements]
+    segments = _seg_segments(seg, series_uid, [label.name for label in found])
+    algorithm = _algorithm(manifest)
+    groups = []
+    if seg is not None:
+        groups = [
+            _segment_group(seg, label, *segments[label.name], measurements[label.name], algorithm)
+            for label in found
+        ]
+    absent = [label for label in labels if label.name not in measurements]
+    if absent:
+        groups.append(
+            _label_group(
+                _identifier(manifest, f"{manifest.name} segments not found"),
+                derive_uid(series_uid, manifest.name, manifest.version, "sr", "absent-group"),
+                algorithm,
+                [
+                    item
+                    for label in absent
+                    for item in hd.sr.QualitativeEvaluation(
+                        name=_label_code(label), value=codes.SCT.Absent
+                    )
+                ],
+            )
+        )
+    extra = [
+        spec.to_code()
+        for label in labels
+        for spec in (label.category, label.anatomic_region)
+        if spec
+    ]
+    return _enhanced_sr(
+        sources,
+        groups,
+        manifest,
+        procedure_reported=procedure_reported,
+        series_number=series_number,
+        now=now,
+        codes_used=[*SEGMENT_REPORT_CODES, *extra],
+        evidence=[seg] if seg is not None else [],
+    )
+
+
+@dataclass(frozen=True)
+class SegmentReport:
+    """One segment's measurement group of :func:`build_segmentation_report`, read back."""
+
+    volume_ml: float
+    longest_diameter_mm: float | None  # lesions only
+    seg_sop_instance_uid: str
+    segment_number: int
+    tracking_uid: str | None
+
+
+def read_segmentation_report(
+    sr: Dataset, manifest: Manifest | None = None
+) -> dict[str, SegmentReport]:
+    """Return ``{segment: SegmentReport}`` of the segments a segmentation report found.
+
+    Keys are manifest label names when ``manifest`` is given and the group's Finding matches
+    a label's code, else the Finding's meaning. Read with highdicom; raises ValueError when
+    ``sr`` is not a TID 1500 report or a group's volume has a unit other than cm3/mL.
+    """
+    names = _names_by_code(manifest)
+    out: dict[str, SegmentReport] = {}
+    for group in _measurement_report(sr).get_volumetric_roi_measurement_groups():
+        finding, reference = group.finding_type, group.referenced_segment
+        volumes = group.get_measurements(name=VOLUME)
+        if finding is None or reference is None or not volumes:
+            continue
+        if not (
+            _same_code(volumes[0].unit, VOLUME_UNIT) or str(volumes[0].unit.value) in ("ml", "mL")
+        ):
+            raise ValueError(
+                f"SR {sr.get('SOPInstanceUID', '?')}: volume of {finding.meaning} is in "
+                f"{volumes[0].unit.value}, not cm3 or mL"
+            )
+        segment = cast(hd.sr.ImageContentItem, reference[0])
+        diameters = group.get_measurements(name=LONGEST_DIAMETER)
+        out[names.get(_code_key(finding), finding.meaning)] = SegmentReport(
+            volume_ml=float(volumes[0].value),
+            longest_diameter_mm=float(diameters[0].value) if diameters else None,
+            seg_sop_instance_uid=str(segment.referenced_sop_instance_uid),
+            segment_number=int((segment.referenced_segment_numbers or [0])[0]),
+            tracking_uid=None if group.tracking_uid is None else str(group.tracking_uid),
+        )
+    return out
+
+
+def read_absent_segments(sr: Dataset, manifest: Manifest | None = None) -> list[str]:
+    """The segments a segmentation report says were not found (SCT Absent), in its order;
+    names as in :func:`read_segmentation_report`."""
+    names = _names_by_code(manifest)
+    return [
+        names.get(_code_key(evaluation.name), evaluation.name.meaning)
+        for group in _measurement_report(sr).get_image_measurement_groups()
+        for evaluation in group.get_qualitative_evaluations()
+        if _same_code(cast(hd.sr.CodedConcept, evaluation.value), codes.SCT.Absent)
+    ]
+
+
+def _seg_segments(
+    seg: Dataset | None, series_uid: str, found: Sequence[str]
+) -> dict[str, tuple[int, str]]:
+    """``{label: (segment number, tracking UID)}`` from the SEG, checked against ``found``."""
+    if seg is None:
+        if found:
+            raise ValueError(
+                f"series {series_uid}: segments {', '.join(found)} were measured but no SEG "
+                "was given to reference them"
+            )
+        return {}
+    where = f"SEG {seg.get('SOPInstanceUID', '?')}"
+    referenced = {str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])}
+    if series_uid not in referenced:
+        raise ValueError(f"{where} does not reference series {series_uid}")
+    segments = {
+        str(item.get("TrackingID", "")): (int(item.SegmentNumber), str(item.get("TrackingUID", "")))
+        for item in seg.SegmentSequence
+    }
+    if sorted(segments) != sorted(found):
+        raise ValueError(
+            f"{where} has segments {', '.join(sorted(segments))}, but the measurements found "
+            f"{', '.join(sorted(found)) or 'none'}"
+        )
+    return segments
+
+
+def _segment_group(
+    seg: Dataset,
+    label: LabelSpec,
+    number: int,
+    tracking_uid: str,
+    measurement: SegmentMeasurement,
+    algorithm: hd.sr.AlgorithmIdentification,
+) -> hd.sr.ContainerContentItem:
+    """TID 1411 for one segment, in a SEPARATE container like the other groups (see the
+    module docstring); highdicom's template orders and checks the items."""
+    category = label.category.to_code() if label.category is not None else None
+    values = [
+        hd.sr.Measurement(
+            name=VOLUME, value=measurement.volume_ml, unit=VOLUME_UNIT, algorithm_id=algorithm
+        )
+    ]
+    if category is not None and _same_code(category, LESION_CATEGORY):
+        values.append(
+            hd.sr.Measurement(
+                name=LONGEST_DIAMETER,
+                value=measurement.longest_diameter_mm,
+                unit=MILLIMETRE,
+                algorithm_id=algorithm,
+            )
+        )
+    region = label.anatomic_region
+    template = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=label.name),
+        referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, number),
+        finding_category=category,
+        finding_type=_label_code(label),
+        algorithm_id=algorithm,
+        finding_sites=[hd.sr.FindingSite(region.to_code())] if region is not None else None,
+        measurements=values,
+    )
+    return _container(
+        codes.DCM.MeasurementGroup,
+        template_id="1411",
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        items=template[0].ContentSequence,
+    )
+
+
 def _enhanced_sr(
     sources: Sequence[Dataset],
     groups: Sequence[hd.sr.ContainerContentItem],
@@ -591,8 +854,10 @@ def _enhanced_sr(
     series_number: int,
     now: datetime | None,
     codes_used: Iterable[Code],
+    evidence: Sequence[Dataset] = (),
 ) -> hd.sr.EnhancedSR:
-    """The TID 1500 document around ``groups``; ``codes_used``: codes beyond the manifest's."""
+    """The TID 1500 document around ``groups``; ``codes_used``: codes beyond the manifest's;
+    ``evidence``: instances referenced besides ``sources`` (a SEG)."""
     first = sources[0]
     now = datetime.now() if now is None else now
     report = _container(
@@ -617,7 +882,7 @@ def _enhanced_sr(
     used += [label.code.to_code() for label in manifest.reported_labels if label.code]
     sr_series_uid, sr_instance_uid = result_uids(str(first.SeriesInstanceUID), manifest)
     return hd.sr.EnhancedSR(
-        evidence=list(sources),
+        evidence=[*sources, *evidence],
         content=hd.sr.ContentSequence([report], is_root=True),
         series_instance_uid=sr_series_uid,
         series_number=series_number,
