@@ -34,10 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from pacsnode.models.pe import EXAM_LABELS, IMAGE_LABEL
+from pacsnode.phantoms.ctseries import CT_IMAGE_STORAGE as CT_IMAGE_STORAGE
+from pacsnode.phantoms.ctseries import (
+    HU_MAX,
+    HU_MIN,
+    PhantomStudy,
+    check_patient_position,
+    new_ct_file,
+    set_patient_study,
+    set_pixels,
+    write_ct_series,
+)
+from pacsnode.phantoms.ctseries import PATIENT_POSITIONS as PATIENT_POSITIONS
 from pacsnode.uids import derive_uid
 
 Vec3 = tuple[float, float, float]
@@ -52,17 +62,7 @@ LOCATIONS: tuple[str, ...] = ("central", "left", "right")
 SITES: tuple[str, ...] = ("trunk", "left_main", "right_main", "left_lobar", "right_lobar")
 """Where an embolus can sit; ``trunk`` counts as central, main and lobar as left or right."""
 
-PATIENT_POSITIONS: dict[str, tuple[float, float, float, float, float, float]] = {
-    "HFS": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
-    "FFS": (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
-    "HFP": (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0),
-    "FFP": (1.0, 0.0, 0.0, 0.0, -1.0, 0.0),
-}
-"""ImageOrientationPatient of an axial slice for each PatientPosition."""
-
-CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 MIN_EMBOLUS_AREA_MM2 = 2.0
-HU_MIN, HU_MAX = -1024.0, 3071.0
 TRUTH_GRID_MM = 0.4
 
 _FAT, _MUSCLE, _SOFT, _AIR, _BONE, _MARROW = -95.0, 50.0, 40.0, -1000.0, 700.0, 230.0
@@ -880,66 +880,8 @@ class CtpaSeries:
     case: CtpaCase
 
 
-def _patient_study(
-    ds: Dataset,
-    seed: int,
-    study_uid: str,
-    patient_id: str | None,
-    patient_name: str,
-    accession_number: str | None,
-    study_date: str | None,
-) -> None:
-    """Patient, General Study and General Equipment attributes (Type 1/2 filled)."""
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id or f"PHCT{seed % 10**8:08d}"
-    ds.PatientBirthDate = f"19{40 + seed % 50:02d}0{1 + seed % 9}15"
-    ds.PatientSex = ["F", "M"][seed % 2]
-    ds.StudyInstanceUID = study_uid
-    date = study_date or f"2024{1 + seed % 12:02d}{1 + seed % 28:02d}"
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = date
-    ds.StudyTime = "093000"
-    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = "093512"
-    ds.AccessionNumber = (
-        accession_number if accession_number is not None else f"CT{seed % 10**8:08d}"
-    )
-    ds.ReferringPhysicianName = "REFERRER^PHANTOM"
-    ds.StudyID = f"{seed % 10**6}"
-    ds.StudyDescription = "CT pulmonary angiography (synthetic phantom)"
-    ds.Manufacturer = "pacsnode phantom"
-    ds.ManufacturerModelName = "ctpa-phantom"
-    ds.InstitutionName = "pacsnode"
-    ds.StationName = "PHANTOM"
-    ds.SoftwareVersions = "1"
-    ds.DeviceSerialNumber = "0001"
-
-
-def _new_file(sop_uid: str) -> FileDataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = CT_IMAGE_STORAGE
-    ds.SOPInstanceUID = sop_uid
-    return ds
-
-
-def _pixels(ds: Dataset, hu: np.ndarray, rescale_type: str | None = "HU") -> None:
-    stored = np.clip(np.rint(hu) + 1024.0, -32768, 32767).astype(np.int16)
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = stored.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.RescaleIntercept = -1024
-    ds.RescaleSlope = 1
-    if rescale_type:
-        ds.RescaleType = rescale_type
-    ds.PixelData = stored.tobytes()
+STUDY_DESCRIPTION = "CT pulmonary angiography (synthetic phantom)"
+MODEL_NAME = "ctpa-phantom"
 
 
 def write_ctpa_series(
@@ -975,98 +917,49 @@ def write_ctpa_series(
     module (a silent header); ``""`` writes an empty ContrastBolusAgent. Slice thickness
     (default: the spacing) is a header value only. Deterministic in ``case`` and arguments.
     """
-    if patient_position not in PATIENT_POSITIONS:
-        raise ValueError(
-            f"patient_position: {patient_position!r} is not one of {sorted(PATIENT_POSITIONS)}"
-        )
+    check_patient_position(patient_position)
     r = render_canonical_annotated(
         case, rows=rows, slices=slices, slice_spacing_mm=slice_spacing_mm, fov_mm=fov_mm
     )
-    seed = case.seed
-    iop = PATIENT_POSITIONS[patient_position]
-    flip_cols = iop[0] < 0  # row direction toward patient right: columns run -x
-    flip_rows = iop[4] < 0  # column direction toward anterior: rows run -y
-    sp = float(r.x_mm[1] - r.x_mm[0])
-    x0 = float(r.x_mm[-1] if flip_cols else r.x_mm[0])
-    y0 = float(r.y_mm[-1] if flip_rows else r.y_mm[0])
-    study_uid = study_uid or derive_uid("phantom-ctpa-study", str(seed))
-    series_uid = series_uid or derive_uid(
-        "phantom-ctpa-series",
-        str(seed),
-        patient_position,
-        str(rows),
-        str(slices),
-        repr(float(slice_spacing_mm)),
-        str(series_number),
-    )
-    for_uid = frame_of_reference_uid or derive_uid("phantom-ctpa-for", study_uid)
-    head_first = patient_position.startswith("HF")
-    # acquisition order: head first scans from the top, feet first from the bottom
-    order = list(range(slices)) if head_first else list(range(slices - 1, -1, -1))
-    instance_of = {k: n + 1 for n, k in enumerate(order)}
-    uids = [derive_uid("phantom-ctpa-instance", series_uid, str(k)) for k in range(slices)]
-    write_order = list(order)
-    if shuffle:
-        np.random.default_rng([seed, slices, 0x5F]).shuffle(write_order)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    thickness = float(slice_thickness_mm if slice_thickness_mm is not None else slice_spacing_mm)
-    paths = []
-    for k in write_order:
-        ds = _new_file(uids[k])
-        _patient_study(ds, seed, study_uid, patient_id, patient_name, accession_number, study_date)
-        ds.Modality = "CT"
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = series_number
-        ds.SeriesDescription = series_description
-        ds.BodyPartExamined = body_part
-        ds.PatientPosition = patient_position
-        ds.FrameOfReferenceUID = for_uid
-        ds.PositionReferenceIndicator = ""
-        ds.InstanceNumber = instance_of[k]
-        ds.AcquisitionNumber = 1
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.BurnedInAnnotation = "NO"
-        ds.KVP = "100"
-        ds.SliceThickness = round(thickness, 4)
-        ds.ConvolutionKernel = convolution_kernel
-        ds.ScanOptions = "HELICAL"
-        ds.DataCollectionDiameter = 500.0
-        ds.ReconstructionDiameter = round(sp * rows, 3)
-        ds.GantryDetectorTilt = 0.0
-        ds.TableHeight = 150.0
-        ds.RotationDirection = "CW"
-        ds.ExposureTime = 500
-        ds.XRayTubeCurrent = 200
-        ds.PatientOrientation = ""
-        if contrast_agent is not None:
-            ds.ContrastBolusAgent = contrast_agent
-            if contrast_agent:
-                ds.ContrastBolusRoute = "IV"
-        z = float(r.z_mm[k])
-        ds.ImagePositionPatient = [round(x0, 4), round(y0, 4), round(z, 4)]
-        ds.ImageOrientationPatient = list(iop)
-        ds.PixelSpacing = [round(sp, 6), round(sp, 6)]
-        ds.SliceLocation = round(z, 4)
-        ds.WindowCenter = 100
-        ds.WindowWidth = 700
-        img = r.hu[k]
-        if flip_rows:
-            img = img[::-1]
-        if flip_cols:
-            img = img[:, ::-1]
-        _pixels(ds, img)
-        name = f"{derive_uid(uids[k])[5:21]}.dcm" if shuffle else f"ct_{instance_of[k]:04d}.dcm"
-        path = out_dir / name
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return CtpaSeries(
-        paths=tuple(paths),
+    files = write_ct_series(
+        out_dir,
+        r.hu,
+        r.x_mm,
+        r.y_mm,
+        r.z_mm,
+        seed=case.seed,
+        uid_root="phantom-ctpa",
+        slice_spacing_mm=slice_spacing_mm,
+        patient_position=patient_position,
+        shuffle=shuffle,
+        slice_thickness_mm=slice_thickness_mm,
         study_uid=study_uid,
         series_uid=series_uid,
-        frame_of_reference_uid=for_uid,
+        frame_of_reference_uid=frame_of_reference_uid,
+        series_number=series_number,
+        series_description=series_description,
+        convolution_kernel=convolution_kernel,
+        contrast_agent=contrast_agent,
+        body_part=body_part,
+        kvp="100",
+        window=(100, 700),
+        patient_id=patient_id,
+        patient_name=patient_name,
+        accession_number=accession_number,
+        study_date=study_date,
+        study_description=STUDY_DESCRIPTION,
+        model_name=MODEL_NAME,
+        id_prefix="CT",
+    )
+    uids = files.canonical_uids
+    return CtpaSeries(
+        paths=files.paths,
+        study_uid=files.study_uid,
+        series_uid=files.series_uid,
+        frame_of_reference_uid=files.frame_of_reference_uid,
         truth=dict(case.truth),
         slice_truth={uids[k]: int(r.slice_truth[k]) for k in range(slices)},
-        canonical_uids=tuple(uids),
+        canonical_uids=uids,
         case=case,
     )
 
@@ -1112,8 +1005,19 @@ def write_scout(
     img = np.stack([np.interp(kk, np.arange(n_coarse), col) for col in across.T], axis=1)
     series_uid = series_uid or derive_uid("phantom-ctpa-scout", study_uid, str(series_number))
     sop_uid = derive_uid("phantom-ctpa-scout-instance", series_uid)
-    ds = _new_file(sop_uid)
-    _patient_study(ds, seed, study_uid, patient_id, patient_name, accession_number, study_date)
+    ds = new_ct_file(sop_uid)
+    study = PhantomStudy(
+        seed=seed,
+        study_uid=study_uid,
+        patient_id=patient_id,
+        patient_name=patient_name,
+        accession_number=accession_number,
+        study_date=study_date,
+        study_description=STUDY_DESCRIPTION,
+        model_name=MODEL_NAME,
+        id_prefix="CT",
+    )
+    set_patient_study(ds, study)
     ds.Modality = "CT"
     ds.SeriesInstanceUID = series_uid
     ds.SeriesNumber = series_number
@@ -1138,7 +1042,7 @@ def write_scout(
     ds.SliceThickness = 0.6
     ds.WindowCenter = -300
     ds.WindowWidth = 1500
-    _pixels(ds, img.astype(np.float32), rescale_type=None)  # HU is wrong for a localizer
+    set_pixels(ds, img.astype(np.float32), rescale_type=None)  # HU is wrong for a localizer
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"scout_{series_number}.dcm"
     ds.save_as(path, enforce_file_format=True)
