@@ -1,10 +1,12 @@
 """The inference worker: claim jobs, run the warm model in batches, write results, queue deliveries.
 
 Image models (chest X-ray) take a batch of jobs in one forward pass and write one SR per
-series. Volume models (CT PE) take one job at a time: assemble the series into a volume
-(:mod:`pacsnode.volumes`), classify it, and write an SR plus, for a positive exam, a Key
-Object Selection of the most suspicious slices. A series that cannot become a volume
-(gap, mixed orientation, localizer only...) fails permanently with the reason recorded.
+series. Volume models take one job at a time and assemble the series into a volume
+(:mod:`pacsnode.volumes`): a classifier (CT PE) writes an SR plus, for a positive exam, a
+Key Object Selection of the most suspicious slices; a segmenter (CT kidney) writes a DICOM
+SEG on the source slices and an SR with the measured volumes that references it. A series
+that cannot become a volume (gap, mixed orientation, localizer only...) fails permanently
+with the reason recorded.
 
 Lifecycle: ``initialize()`` loads every enabled model once (they stay warm),
 ``loop(now)`` does one round of work and returns how many jobs it finished,
@@ -34,13 +36,26 @@ from pacsnode.config import Config
 from pacsnode.db import utcnow
 from pacsnode.errors import InputError
 from pacsnode.manifest import Manifest
+from pacsnode.measurements import measure
 from pacsnode.models import Model, load_model
-from pacsnode.models.base import ImageClassifier, ImageResult, VolumeClassifier, default_device
+from pacsnode.models.base import (
+    ImageClassifier,
+    ImageResult,
+    VolumeClassifier,
+    VolumeSegmenter,
+    default_device,
+)
 from pacsnode.spool import write_durably
 from pacsnode.tables import Delivery, DeliveryState, Instance, Job, Output, Series, Study
-from pacsnode.volumes import load_volume, plan_volume, read_slice_refs
+from pacsnode.volumes import Volume, load_volume, plan_volume, read_slice_refs
 from pacsnode.writers.kos import build_key_images
-from pacsnode.writers.sr import build_measurement_report, build_series_report, result_uids
+from pacsnode.writers.seg import build_segmentation
+from pacsnode.writers.sr import (
+    build_measurement_report,
+    build_segmentation_report,
+    build_series_report,
+    result_uids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +112,7 @@ class Worker:
         """Run at most one batch per model; returns the number of jobs finished."""
         finished = 0
         for name, model in self.models.items():
-            if isinstance(model, VolumeClassifier):
+            if isinstance(model, VolumeClassifier | VolumeSegmenter):
                 for ticket in self._claim(name, 1, now or utcnow()):
                     self._run_volume(model, ticket)
                     finished += 1
@@ -160,27 +175,51 @@ class Worker:
             for ticket in tickets:
                 self._fail(ticket, f"{type(exc).__name__}: {exc}", permanent=False)
 
-    def _run_volume(self, model: VolumeClassifier, ticket: Ticket) -> None:
-        """One CT series: volume, classification, SR and (when positive) key images."""
+    def _run_volume(self, model: VolumeClassifier | VolumeSegmenter, ticket: Ticket) -> None:
+        """One CT series: assemble the volume, run the model, write its DICOM outputs."""
         try:
             try:
                 headers = [_read_header(p) for p in ticket.paths]
-                plan = plan_volume(read_slice_refs(ticket.paths), ticket.series_uid)
-                result = model.classify(load_volume(plan))
+                volume = _volume(ticket)
+                if isinstance(model, VolumeSegmenter):
+                    outputs = self._segment(model, headers, volume, ticket)
+                else:
+                    outputs = self._classify(model, headers, volume, ticket)
             except InputError as exc:
                 self._fail(ticket, str(exc), permanent=True)
                 return
-            manifest = model.manifest
-            outputs = [
-                self._write(ticket, build_series_report(headers, result, manifest), "sr", manifest)
-            ]
-            key_images = build_key_images(headers, result, manifest)
-            if key_images is not None:
-                outputs.append(self._write(ticket, key_images, "ko", manifest))
             self._succeed(ticket, outputs)
         except Exception as exc:  # the worker's main loop: one bad series must not stop the node
             log.exception("job %d failed", ticket.job_id)
             self._fail(ticket, f"{type(exc).__name__}: {exc}", permanent=False)
+
+    def _classify(
+        self, model: VolumeClassifier, headers: list[Dataset], volume: Volume, ticket: Ticket
+    ) -> list[ResultFile]:
+        """SR of the exam labels, plus key images when slices are positive."""
+        result = model.classify(volume)
+        manifest = model.manifest
+        outputs = [
+            self._write(ticket, build_series_report(headers, result, manifest), "sr", manifest)
+        ]
+        key_images = build_key_images(headers, result, manifest)
+        if key_images is not None:
+            outputs.append(self._write(ticket, key_images, "ko", manifest))
+        return outputs
+
+    def _segment(
+        self, model: VolumeSegmenter, headers: list[Dataset], volume: Volume, ticket: Ticket
+    ) -> list[ResultFile]:
+        """SEG first (the SR references its segments), then the SR with the volumes."""
+        result = model.segment(volume)
+        manifest = model.manifest
+        seg = build_segmentation(headers, result, manifest)
+        outputs = []
+        if seg is not None:
+            outputs.append(self._write(ticket, seg, "seg", manifest))
+        report = build_segmentation_report(headers, result, seg, measure(result), manifest)
+        outputs.append(self._write(ticket, report, "sr", manifest))
+        return outputs
 
     def _write(self, ticket: Ticket, ds: Dataset, kind: str, manifest: Manifest) -> ResultFile:
         series_uid, sop_uid = result_uids(ticket.series_uid, manifest, kind)
@@ -221,6 +260,10 @@ class Worker:
             job = queue.still_owned(session, ticket.job_id, self.worker_id, ticket.attempts)
             if job is not None:
                 queue.fail(session, job, error, now, self.config.queue, permanent=permanent)
+
+
+def _volume(ticket: Ticket) -> Volume:
+    return load_volume(plan_volume(read_slice_refs(ticket.paths), ticket.series_uid))
 
 
 def _read_header(path: Path) -> Dataset:

@@ -8,16 +8,21 @@ import torch
 
 from pacsnode.errors import ManifestError
 from pacsnode.manifest import load_manifest
-from pacsnode.models.base import ImageClassifier, VolumeClassifier
+from pacsnode.models.base import ImageClassifier, VolumeClassifier, VolumeSegmenter
 
-Model = ImageClassifier | VolumeClassifier
+Model = ImageClassifier | VolumeClassifier | VolumeSegmenter
 
 
-def _implementations() -> dict[str, type[ImageClassifier] | type[VolumeClassifier]]:
+def _implementations() -> dict[str, type[Model]]:
     from pacsnode.models.cxr import ChexNetClassifier
+    from pacsnode.models.kidney import KidneySegmenter
     from pacsnode.models.pe import PEClassifier
 
-    return {"cxr-densenet121": ChexNetClassifier, "ct-pe-2d-gru": PEClassifier}
+    return {
+        "cxr-densenet121": ChexNetClassifier,
+        "ct-pe-2d-gru": PEClassifier,
+        "ct-kidney-cascade-unet": KidneySegmenter,
+    }
 
 
 def load_model(model_dir: Path, device: torch.device) -> Model:
