@@ -4,8 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/pacsnode.toml
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# Debian packages the tests talk to: dcmtk (storescu/echoscu/dsr2html), Orthanc, dicom3tools (dciodvfy)
-SYSTEM_TOOLS := storescu:dcmtk echoscu:dcmtk dsr2html:dcmtk dcmj2pnm:dcmtk Orthanc:orthanc dciodvfy:dicom3tools
+# Debian packages the tests talk to: dcmtk (storescu/echoscu/dsr2html), Orthanc, dicom3tools (dciodvfy),
+# chromium (headless screenshots of Orthanc's web page showing our results)
+SYSTEM_TOOLS := storescu:dcmtk echoscu:dcmtk dsr2html:dcmtk dcmj2pnm:dcmtk Orthanc:orthanc dciodvfy:dicom3tools chromium:chromium
 
 .PHONY: run test bench install install-test system-deps lint typecheck weights clean
 
@@ -62,10 +63,11 @@ bench: install-test system-deps
 	$(BIN)/python benchmarks/latency.py
 	$(BIN)/python benchmarks/inference.py
 
-# Retrain the demo chest X-ray weights on synthetic phantoms (see models/cxr-chexnet/MODEL_CARD.md)
+# Retrain the demo weights on synthetic phantoms (see each models/*/MODEL_CARD.md)
 weights: install
 	$(BIN)/python -m pacsnode.models.train_cxr --out models/cxr-chexnet
 	$(BIN)/python -m pacsnode.models.train_pe --out models/ct-pe --seed 0
+	$(BIN)/python -m pacsnode.models.train_kidney --out models/ct-kidney --seed 0
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -13,7 +13,14 @@ from pacsnode import completion, queue, routing
 from pacsnode.config import CompletionConfig, QueueConfig, parse_config
 from pacsnode.db import make_engine, make_sessionmaker, upgrade
 from pacsnode.errors import ConfigError
-from pacsnode.manifest import Accepts, LabelSpec, Manifest, WeightsSpec
+from pacsnode.manifest import (
+    Accepts,
+    LabelSpec,
+    Manifest,
+    WeightsSpec,
+    load_enabled,
+    verified_weights_path,
+)
 from pacsnode.receiver import InstanceHeader, record_instance
 from pacsnode.tables import Delivery, Job, JobState, RoutingDecision, Series
 
@@ -218,8 +225,13 @@ def test_config_names_the_offending_key() -> None:
     with pytest.raises(ConfigError, match=r"node\.ae_title"):
         parse_config('[node]\nae_title = "MUCH_TOO_LONG_AE_TITLE"\n')
     config = parse_config(Path("config/pacsnode.toml").read_text())
-    assert config.node.port == 11112 and config.models.enabled == ["cxr-chexnet", "ct-pe"]
+    assert config.node.port == 11112
+    assert config.models.enabled == ["cxr-chexnet", "ct-pe", "ct-kidney"]
     assert [d.name for d in config.destinations] == ["pacs"]
+    # `make run` starts on these defaults: every enabled model ships weights that verify
+    models = Path("models")
+    for manifest in load_enabled(models, config.models.enabled):
+        assert verified_weights_path(models / manifest.name, manifest).is_file()
 
 
 def test_migrations_match_the_tables(tmp_path: Path) -> None:

@@ -54,6 +54,8 @@ PATCH = (64, 64, 64)
 COARSE_MULTIPLE = 8
 """Stage-1 input sides are padded to a multiple of this (three stride-2 levels)."""
 MARGIN_MM = 16.0
+GROW_MM = 16.0
+MAX_GROWTH = 2
 MIN_REGION_ML = 8.0
 MAX_REGIONS = 2
 MIN_KIDNEY_ML = 5.0
@@ -257,6 +259,38 @@ class KidneySegmenter(VolumeSegmenter):
             centre = (c + 0.5) * scale - 0.5
         return _patient_x(volume.affine, centre)
 
+    def _fine_labels(self, volume: Volume, box: tuple[slice, ...]) -> np.ndarray:
+        """Stage 2 on one source box: the arg-max class of every source voxel in it."""
+        crop = volume.array[box]
+        x = fine_input(crop, volume.spacing, self.manifest.input)
+        prob = self.fine_probabilities(x)
+        crop_shape = tuple(int(n) for n in crop.shape)
+        return resample(prob, crop_shape).argmax(dim=0).numpy().astype(np.uint8)
+
+    def _grown_box(
+        self, volume: Volume, box: tuple[slice, ...]
+    ) -> tuple[tuple[slice, ...], np.ndarray]:
+        """Stage 2 on ``box``, widened by :data:`GROW_MM` on every face the foreground
+        touches (a large exophytic tumour can reach beyond the stage-1 region), at most
+        :data:`MAX_GROWTH` times."""
+        label = self._fine_labels(volume, box)
+        for _ in range(MAX_GROWTH):
+            grown = list(box)
+            for axis, (sl, n, sp) in enumerate(
+                zip(box, volume.array.shape, volume.spacing, strict=True)
+            ):
+                step = math.ceil(GROW_MM / float(sp))
+                first = np.take(label, 0, axis=axis).any()
+                last = np.take(label, -1, axis=axis).any()
+                lo = max(0, sl.start - step) if first else sl.start
+                hi = min(n, sl.stop + step) if last else sl.stop
+                grown[axis] = slice(lo, hi)
+            if tuple(grown) == box:
+                break
+            box = tuple(grown)
+            label = self._fine_labels(volume, box)
+        return box, label
+
     def _segment_box(
         self,
         volume: Volume,
@@ -264,12 +298,7 @@ class KidneySegmenter(VolumeSegmenter):
         midline_x: float,
         masks: dict[str, np.ndarray],
     ) -> None:
-        spec = self.manifest.input
-        crop = volume.array[box]
-        crop_shape = tuple(int(n) for n in crop.shape)
-        x = fine_input(crop, volume.spacing, spec)
-        prob = self.fine_probabilities(x)
-        label = resample(prob, crop_shape).argmax(dim=0).numpy().astype(np.uint8)
+        box, label = self._grown_box(volume, box)
         fg = label > 0
         comps, n = ndimage.label(fg)
         if n == 0:

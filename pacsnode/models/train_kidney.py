@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from pacsnode.manifest import InputSpec, load_manifest, sha256_file
 from pacsnode.models.kidney import (
@@ -172,11 +172,17 @@ def random_patch(
     return x[sl], y[sl]
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Contrast and brightness jitter in the windowed range (no flips: laterality matters)."""
+def augment(
+    x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contrast and brightness jitter, and random flips of every axis: neither net tells
+    left from right (sides are decided afterwards in patient coordinates), so flips only
+    add anatomy the phantoms did not draw."""
     scale = 1.0 + 0.1 * (torch.rand(1, generator=gen).item() - 0.5)
     shift = 0.04 * (torch.rand(1, generator=gen).item() - 0.5)
-    return (x * scale + shift).clamp_(0.0, 1.0)
+    x = (x * scale + shift).clamp_(0.0, 1.0)
+    dims = [d for d in (1, 2, 3) if torch.rand(1, generator=gen).item() < 0.5]
+    return (x.flip(dims), y.flip(dims)) if dims else (x, y)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -207,9 +213,13 @@ def evaluate(segmenter: KidneySegmenter, n: int, base: int) -> dict:
     agg = {name: [0, 0] for name in per}  # intersection, sum
     swaps = 0
     volume_errors: dict[str, list[float]] = {name: [] for name in SEGMENT_LABELS}
+    by_phase: dict[str, dict[str, list[float]]] = {
+        phase: {"kidney": [], "tumour": [], "cyst": []} for phase in ("contrast", "plain")
+    }
     seconds = []
     for idx in range(n):
         rng = np.random.default_rng([base, idx, 17])
+        phase = "contrast" if make_abdomen_case(case_seed(base, idx)).contrast else "plain"
         r = random_render(case_seed(base, idx), rng)
         t0 = time.perf_counter()
         result = segmenter.segment(render_volume(r, f"heldout-{idx}"))
@@ -224,6 +234,8 @@ def evaluate(segmenter: KidneySegmenter, n: int, base: int) -> dict:
             d = dice(pred[name], truth[name])
             if d is not None and truth[name].any():
                 per[name].append(d)
+                if name in by_phase[phase]:
+                    by_phase[phase][name].append(d)
             agg[name][0] += int((pred[name] & truth[name]).sum())
             agg[name][1] += int(pred[name].sum()) + int(truth[name].sum())
         if (pred["left_kidney"] & truth["right_kidney"]).sum() > (
@@ -242,6 +254,13 @@ def evaluate(segmenter: KidneySegmenter, n: int, base: int) -> dict:
         "dice_mean_per_case": {k: float(np.mean(v)) if v else None for k, v in per.items()},
         "dice_min_per_case": {k: float(np.min(v)) if v else None for k, v in per.items()},
         "cases_with_class": {k: len(v) for k, v in per.items()},
+        "dice_mean_per_case_by_phase": {
+            phase: {k: (float(np.mean(v)) if v else None) for k, v in classes.items()}
+            for phase, classes in by_phase.items()
+        },
+        "cases_by_phase": {
+            phase: {k: len(v) for k, v in classes.items()} for phase, classes in by_phase.items()
+        },
         "dice_aggregate": {k: (2.0 * a / s if s else None) for k, (a, s) in agg.items()},
         "left_right_swaps": swaps,
         "volume_relative_error_median": {
@@ -268,6 +287,13 @@ def write_model_card(out: Path, metrics: dict, version: str) -> None:
         for name in (*SEGMENT_LABELS, "kidney", "tumour", "cyst")
     )
     vol = h["volume_relative_error_median"]
+    bp, cp = h["dice_mean_per_case_by_phase"], h["cases_by_phase"]
+    phase_rows = "\n".join(
+        f"| {phase} | "
+        + " | ".join(f"{f(bp[phase][c])} ({cp[phase][c]})" for c in ("kidney", "tumour", "cyst"))
+        + " |"
+        for phase in ("contrast", "plain")
+    )
     a = metrics["args"]
     text = f"""# ct-kidney {version} — model card
 
@@ -303,8 +329,9 @@ def write_model_card(out: Path, metrics: dict, version: str) -> None:
   {SCAN_MM[0]:.0f}–{SCAN_MM[1]:.0f} mm scan range, through the serving preprocessing.
 - Stage 1: {a["coarse_steps"]} steps on whole coarse volumes; stage 2: {a["fine_steps"]}
   steps of {a["batch"]} patches of {PATCH[0]}³ (half centred on a lesion); Adam, lr
-  {a["lr"]}, cosine decay, Dice + cross-entropy; brightness/contrast jitter, no flips
-  (laterality matters).
+  {a["lr"]}, cosine decay, Dice + cross-entropy (class weights {a["class_weights"]}, Dice
+  over the batch); brightness/contrast jitter and random flips of every axis (neither net
+  tells left from right: sides are decided in patient coordinates afterwards).
 - Time: {metrics["seconds"]:.0f} s ({metrics["seconds"] / 60:.1f} min) wall for the whole
   script, {metrics["device"]}, {metrics["torch_threads"]} torch threads, torch
   {metrics["torch"]}. Full numbers in `metrics.json`.
@@ -317,6 +344,18 @@ positives in cases without the class count there).
 | Segment | Dice per case (mean) | Dice per case (min) | Dice aggregate | Cases |
 |---|---|---|---|---|
 {rows}
+
+By phase (Dice per case, mean; cases in brackets):
+
+| Phase | kidney | tumour | cyst |
+|---|---|---|---|
+{phase_rows}
+
+Unenhanced phantoms draw the tumour at 28–45 HU against parenchyma at 30–40 HU: isodense,
+as many renal cell carcinomas are without contrast, so the tumour outline is not in the
+image and the model cannot find it; the node prefers a contrast series when a study has one
+(`prefer_contrast` in `manifest.toml`), and an SR of an unenhanced series saying "no tumour"
+means only that none was visible.
 
 - Targets (issue 5): kidney ≥ 0.90, tumour ≥ 0.75, on held-out phantoms.
 - Left/right swaps: {h["left_right_swaps"]} of {h["n"]}.
@@ -355,6 +394,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fine-steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lesion-fraction", type=float, default=0.5)
+    parser.add_argument(
+        "--class-weights",
+        default="1,1,1,1",
+        help="loss weight of background, kidney, tumour, cyst",
+    )
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from the weights.safetensors in this folder (continued training)",
+    )
+    parser.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="re-run the held-out evaluation of the weights in --out and rewrite the card",
+    )
     parser.add_argument("--version", default="0.1.0-phantom")
     args = parser.parse_args(argv)
     command = "python -m pacsnode.models.train_kidney " + " ".join(
@@ -368,6 +424,15 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng([args.seed, 5])
     manifest = load_manifest(args.out)
     spec = manifest.input
+    if args.evaluate_only:
+        metrics = json.loads((args.out / "metrics.json").read_text(encoding="utf-8"))
+        segmenter = KidneySegmenter.load(args.out, device)
+        metrics["heldout"] = evaluate(segmenter, args.n_test, args.seed + TEST_SEED_OFFSET)
+        metrics["evaluated_by"] = command
+        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", "utf-8")
+        write_model_card(args.out, metrics, metrics["args"]["version"])
+        print(json.dumps(metrics["heldout"]["dice_mean_per_case_by_phase"]))
+        return 0
 
     def log(msg: str) -> None:
         print(f"[{time.time() - started:7.1f}s] {msg}", flush=True)
@@ -383,9 +448,23 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     network = KidneyNetwork()
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    init = None
+    if args.init is not None:
+        init_weights = args.init / "weights.safetensors"
+        network.load_state_dict(load_file(str(init_weights)), strict=True)
+        init = {"weights": str(init_weights), "sha256": sha256_file(init_weights)}
+        previous = args.init / "metrics.json"
+        if previous.is_file():
+            init["metrics"] = json.loads(previous.read_text(encoding="utf-8"))
+        log(f"starting from {init_weights} ({init['sha256'][:12]})")
+    class_weights = torch.tensor([float(w) for w in args.class_weights.split(",")])
+    coarse_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    # Dice over the whole batch: a class absent from one patch does not make its loss noisy
+    fine_loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=class_weights)
 
-    def train(net: torch.nn.Module, steps: int, batch_fn: BatchFn, what: str) -> None:
+    def train(
+        net: torch.nn.Module, steps: int, batch_fn: BatchFn, loss_fn: DiceCELoss, what: str
+    ) -> None:
         net.train()
         opt = torch.optim.Adam(net.parameters(), lr=args.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -405,21 +484,22 @@ def main(argv: list[str] | None = None) -> int:
 
     def coarse_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = samples[int(rng.integers(len(samples)))]
-        return augment(s.coarse_x, gen)[None], s.coarse_y[None]
+        x, y = augment(s.coarse_x, s.coarse_y, gen)
+        return x[None], y[None]
 
     def fine_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
-        for k in range(args.batch):
-            lesion = k % 2 == 0 and bool(lesion_boxes)
+        for _ in range(args.batch):
+            lesion = bool(lesion_boxes) and rng.random() < args.lesion_fraction
             pool = lesion_boxes if lesion else boxes
             s_i, b = pool[int(rng.integers(len(pool)))]
-            x, y = random_patch(samples[s_i], b, rng, lesion)
-            xs.append(augment(x, gen))
+            x, y = augment(*random_patch(samples[s_i], b, rng, lesion), gen)
+            xs.append(x)
             ys.append(y)
         return torch.stack(xs), torch.stack(ys)
 
-    train(network.coarse, args.coarse_steps, coarse_batch, "coarse")
-    train(network.fine, args.fine_steps, fine_batch, "fine")
+    train(network.coarse, args.coarse_steps, coarse_batch, coarse_loss, "coarse")
+    train(network.fine, args.fine_steps, fine_batch, fine_loss, "fine")
 
     weights = args.out / "weights.safetensors"
     state = {k: v.contiguous() for k, v in network.state_dict().items()}
@@ -432,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "heldout": heldout,
+        "init": init,
         "seconds": time.time() - started,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),

@@ -426,7 +426,7 @@ def make_abdomen_case(
             ),
             perirenal_fat_mm=d.u(4.0, 12.0) + 0.15 * fat,
             cortex_hu=d.hu((150.0, 200.0), (32.0, 40.0)),
-            medulla_hu=d.hu((80.0, 120.0), (30.0, 36.0)),
+            medulla_hu=d.hu((125.0, 165.0), (30.0, 36.0)),  # nephrographic phase
             sinus_hu=fat_hu + d.u(10.0, 30.0),
             pelvis_hu=d.u(0.0, 15.0),
             pyramid_lobes=(int(rng.integers(6, 10)), int(rng.integers(3, 5))),
