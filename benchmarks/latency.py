@@ -3,7 +3,9 @@
 A pacsnode (receiver, worker and dispatcher in one ``pacsnode serve``, demo CXR model)
 delivers to a real Orthanc. Chest X-rays are sent one at a time with dcmtk ``storescu``;
 for each, the clock runs from the moment ``storescu`` exits (the modality is done)
-until Orthanc's ``/changes`` shows the new result instance. The reference figures are
+until Orthanc holds every result of its job: the SR and, for each finding reported
+Present, its Grad-CAM heatmap Secondary Capture (``--heatmaps none`` turns them off, for
+the figure without them); the time to the first result is printed too. The reference figures are
 the other nodes' completion floors before inference starts (``../shared/ANCHORS.md``):
 MONAI Informatics Gateway 5 s, Kaapana 8-12 s, mercure and Orthanc 60 s.
 
@@ -12,11 +14,15 @@ phantom so both the SR and the key-image KOS are made) are sent the same way, on
 per association; the clock runs from ``storescu`` exiting until Orthanc holds every
 result of the job. This includes the node's series quiet period (default 5 s: a CT series
 is complete only when no slice has arrived for that long). Target: 20 s on 2 CPU cores.
-Then one ``--rss-slices`` series (default 400) is sent and the node process's peak
+Abdominal CTs (``--abdomen-slices``, default 200 slices of 512x512 over 250 mm, a phantom
+with a kidney tumour and a cyst) go the same way to the kidney cascade, whose results are
+a DICOM SEG and an SR; target: 30 s on 2 CPU cores (TotalSegmentator's fast CPU mode takes
+about a minute). Then one ``--rss-slices`` series (default 400) is sent and the node process's peak
 resident memory (VmHWM: receiver, worker with both models, dispatcher) is read. Target:
 2.5 GB.
 
-Last line: ``CXR time to result: p50 X s, p95 Y s (...); CT PE time to result: ...``.
+Last line: ``CXR time to result: p50 X s, p95 Y s (...); CT PE time to result: ...;
+CT kidney time to result: ...; node peak RSS ...`` (``--ct-runs 0``: the CXR part only).
 """
 
 from __future__ import annotations
@@ -27,15 +33,19 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from common import LOOPBACK, NodeProcess, Orthanc, dcmtk_env, find_binary, median, percentile
 from sqlalchemy import func, select
 
+from pacsnode.phantoms.abdomen import make_abdomen_case, write_abdomen_series
 from pacsnode.phantoms.ctpa import make_ctpa_case, write_ctpa_series
 from pacsnode.phantoms.cxr import write_phantom_set
 from pacsnode.tables import DeliveryState, Job, JobState, Output
+
+ABDOMEN_SCAN_MM = 250.0
+"""z range of the abdominal series: a 200-slice series is 1.25 mm apart."""
 
 
 def _new_instances(orthanc: Orthanc, since: int) -> tuple[int, list[str]]:
@@ -58,17 +68,26 @@ def send(node: NodeProcess, paths: Sequence[Path]) -> float:
     return time.perf_counter()
 
 
-def time_to_result(
+def cxr_time_to_results(
     node: NodeProcess, orthanc: Orthanc, path: Path, since: int, timeout: float = 120
-) -> tuple[float, int]:
+) -> tuple[float, float, int, int]:
+    """Seconds from ``storescu`` exiting to the first and to the last result of the image's
+    job stored in Orthanc, and how many results there were."""
+    with node.sessions()() as s:
+        jobs_before = int(s.scalar(select(func.count(Job.id))) or 0)
     sent = send(node, [path])
     deadline = sent + timeout
+    arrived: list[float] = []
+    expected: int | None = None
     while time.perf_counter() < deadline:
         since, new = _new_instances(orthanc, since)
-        if new:
-            return time.perf_counter() - sent, since
+        arrived += [time.perf_counter()] * len(new)
+        if expected is None:
+            expected = _job_outputs(node, jobs_before)
+        if expected is not None and len(arrived) >= expected:
+            return arrived[0] - sent, arrived[expected - 1] - sent, expected, since
         time.sleep(0.005)
-    raise TimeoutError(f"no result in Orthanc {timeout} s after sending {path.name}")
+    raise TimeoutError(f"results not in Orthanc {timeout} s after sending {path.name}")
 
 
 def _job_outputs(node: NodeProcess, jobs_before: int) -> int | None:
@@ -119,46 +138,69 @@ def peak_rss_gb(node: NodeProcess) -> float:
 
 
 def ct_benchmark(
-    work: Path, orthanc: Orthanc, slices: int, size: int, runs: int, rss_slices: int, device: str
-) -> tuple[list[float], float]:
-    """Time to result for ``runs`` CTPA series, then the peak RSS after a ``rss_slices`` one."""
+    work: Path,
+    orthanc: Orthanc,
+    args: argparse.Namespace,
+) -> tuple[list[float], list[float], float]:
+    """Time to result for CTPA and abdominal series, then the peak RSS after a long CTPA.
+
+    One node with every model warm; each series is its own study, so each model reads only
+    the series made for it.
+    """
     node = NodeProcess(
         work / "ct-node",
-        enabled=("cxr-chexnet", "ct-pe"),
+        enabled=("cxr-chexnet", "ct-pe", "ct-kidney"),
         destinations=[("pacs", orthanc.aet, orthanc.dicom_port)],
     )
-    if device != "cpu":
+    if args.device != "cpu":
         node.config_path.write_text(
-            node.config_path.read_text().replace('device = "cpu"', f'device = "{device}"')
+            node.config_path.read_text().replace('device = "cpu"', f'device = "{args.device}"')
         )
     node.start()
 
-    def series(seed: int, count: int) -> list[Path]:
+    def ctpa(seed: int, count: int) -> list[Path]:
         case = make_ctpa_case(seed, kind="acute", location="central")
         folder = work / f"ct-{seed}"
-        written = write_ctpa_series(folder, case, rows=size, slices=count, shuffle=True)
+        written = write_ctpa_series(folder, case, rows=args.ct_size, slices=count, shuffle=True)
         return list(written.paths)
+
+    def abdomen(seed: int, count: int) -> list[Path]:
+        case = make_abdomen_case(seed, kind="tumour_and_cyst")
+        folder = work / f"abdomen-{seed}"
+        written = write_abdomen_series(
+            folder,
+            case,
+            rows=args.abdomen_size,
+            slices=count,
+            slice_spacing_mm=ABDOMEN_SCAN_MM / count,
+            shuffle=True,
+        )
+        return list(written.paths)
+
+    def timed(make: Callable[[int, int], list[Path]], seed: int, count: int, what: str) -> float:
+        nonlocal since
+        paths = make(seed, count)
+        os.sync()
+        elapsed, since = ct_time_to_result(node, orthanc, paths, since)
+        print(f"{what} {seed}: {elapsed:.2f} s ({count} slices)", flush=True)
+        shutil.rmtree(paths[0].parent, ignore_errors=True)
+        return elapsed
 
     try:
         since, _ = _new_instances(orthanc, 0)
-        # a short series first warms every path (model, volume, writers, association)
-        _, since = ct_time_to_result(node, orthanc, series(800, 24), since)
-        times = []
-        for run in range(runs):
-            paths = series(801 + run, slices)
-            os.sync()
-            elapsed, since = ct_time_to_result(node, orthanc, paths, since)
-            print(f"CT run {run + 1}: {elapsed:.2f} s ({slices} slices)", flush=True)
-            times.append(elapsed)
-            shutil.rmtree(paths[0].parent, ignore_errors=True)
-        paths = series(900, rss_slices)
-        os.sync()
-        elapsed, since = ct_time_to_result(node, orthanc, paths, since)
-        print(f"CT {rss_slices} slices: {elapsed:.2f} s", flush=True)
+        # short series first warm every path (model, volume, writers, association)
+        _, since = ct_time_to_result(node, orthanc, ctpa(800, 24), since)
+        _, since = ct_time_to_result(node, orthanc, abdomen(850, 40), since)
+        pe_times = [timed(ctpa, 801 + run, args.ct_slices, "CT PE") for run in range(args.ct_runs)]
+        kidney_times = [
+            timed(abdomen, 851 + run, args.abdomen_slices, "CT kidney")
+            for run in range(args.ct_runs)
+        ]
+        timed(ctpa, 900, args.rss_slices, "CT PE (memory)")
         rss = peak_rss_gb(node)
     finally:
         node.stop()
-    return times, rss
+    return pe_times, kidney_times, rss
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -170,6 +212,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--ct-size", type=int, default=512, help="CT rows = columns")
     parser.add_argument("--ct-runs", type=int, default=3)
     parser.add_argument("--rss-slices", type=int, default=400)
+    parser.add_argument("--abdomen-slices", type=int, default=200)
+    parser.add_argument("--abdomen-size", type=int, default=512, help="abdomen rows = columns")
+    parser.add_argument(
+        "--heatmaps", choices=("sc", "none"), default="sc", help="[outputs] heatmaps of the node"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pacsnode-bench-") as tmp:
         work = Path(tmp)
@@ -178,9 +225,11 @@ def main(argv: Sequence[str] | None = None) -> str:
         )
         with Orthanc(workdir=work / "orthanc") as orthanc:
             orthanc.start()
+            outputs = '["sc"]' if args.heatmaps == "sc" else "[]"
             node = NodeProcess(
                 work / "node",
                 destinations=[("pacs", orthanc.aet, orthanc.dicom_port)],
+                extra_toml=f"[outputs]\nheatmaps = {outputs}\n",
             )
             if args.device != "cpu":
                 text = node.config_path.read_text().replace(
@@ -191,31 +240,38 @@ def main(argv: Sequence[str] | None = None) -> str:
             try:
                 since, _ = _new_instances(orthanc, 0)
                 # the first image warms every path (model, SR writer, association to Orthanc)
-                _, since = time_to_result(node, orthanc, phantoms[0][0], since)
-                times = []
+                *_, since = cxr_time_to_results(node, orthanc, phantoms[0][0], since)
+                times, firsts, counts = [], [], []
                 for path, _labels in phantoms[1:]:
                     os.sync()
-                    elapsed, since = time_to_result(node, orthanc, path, since)
-                    times.append(elapsed)
+                    first, last, count, since = cxr_time_to_results(node, orthanc, path, since)
+                    times.append(last)
+                    firsts.append(first)
+                    counts.append(count)
             finally:
                 node.stop()
             print("times (s): " + ", ".join(f"{t:.3f}" for t in times))
-            ct_times, rss = ct_benchmark(
-                work,
-                orthanc,
-                args.ct_slices,
-                args.ct_size,
-                args.ct_runs,
-                args.rss_slices,
-                args.device,
-            )
+            print("first result (s): " + ", ".join(f"{t:.3f}" for t in firsts))
+            print("results per image: " + ", ".join(map(str, counts)))
+            if args.ct_runs > 0:
+                ct_times, kidney_times, rss = ct_benchmark(work, orthanc, args)
     line = (
         f"CXR time to result: p50 {percentile(times, 50):.2f} s, "
         f"p95 {percentile(times, 95):.2f} s (n={len(times)}, {args.size}x{args.size}, "
-        f"{args.device}; other nodes start inference after 5-60 s); "
+        f"{args.device}, heatmaps {args.heatmaps}: {sum(counts) - len(counts)} SCs, first result "
+        f"p95 {percentile(firsts, 95):.2f} s; other nodes start inference after 5-60 s)"
+    )
+    if args.ct_runs <= 0:
+        print(line)
+        return line
+    line += (
+        "; "
         f"CT PE time to result: median {median(ct_times):.2f} s, max {max(ct_times):.2f} s "
         f"(n={len(ct_times)}, {args.ct_slices} slices {args.ct_size}x{args.ct_size}, "
         f"incl. 5 s quiet period; target 20 s); "
+        f"CT kidney time to result: median {median(kidney_times):.2f} s, "
+        f"max {max(kidney_times):.2f} s (n={len(kidney_times)}, {args.abdomen_slices} slices "
+        f"{args.abdomen_size}x{args.abdomen_size}, incl. 5 s quiet period; target 30 s); "
         f"node peak RSS {rss:.2f} GB after a {args.rss_slices}-slice CT (target 2.5 GB)"
     )
     print(line)

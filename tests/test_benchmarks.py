@@ -55,6 +55,7 @@ def test_latency_smoke(capsys: pytest.CaptureFixture[str]) -> None:
         [
             "--images", "2", "--size", "256",
             "--ct-slices", "24", "--ct-size", "64", "--ct-runs", "1", "--rss-slices", "30",
+            "--abdomen-slices", "60", "--abdomen-size", "128",
         ]
     )  # fmt: skip
     match = re.match(rf"CXR time to result: p50 {NUMBER} s, p95 {NUMBER} s \(n=2,", line)
@@ -63,6 +64,7 @@ def test_latency_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert p50 <= p95
     ct = re.search(
         rf"CT PE time to result: median {NUMBER} s, max {NUMBER} s \(n=1, 24 slices 64x64.*"
+        rf"CT kidney time to result: median {NUMBER} s, max {NUMBER} s \(n=1, 60 slices 128x128.*"
         rf"node peak RSS {NUMBER} GB after a 30-slice CT",
         line,
     )
