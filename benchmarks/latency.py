@@ -190,7 +190,7 @@ def ct_benchmark(
         since, _ = _new_instances(orthanc, 0)
         # short series first warm every path (model, volume, writers, association)
         _, since = ct_time_to_result(node, orthanc, ctpa(800, 24), since)
-        _, since = ct_time_to_result(node, orthanc, abdomen(850, 40), since)
+        _, since = ct_time_to_result(node, orthanc, abdomen(850, 60), since)
         pe_times = [timed(ctpa, 801 + run, args.ct_slices, "CT PE") for run in range(args.ct_runs)]
         kidney_times = [
             timed(abdomen, 851 + run, args.abdomen_slices, "CT kidney")
