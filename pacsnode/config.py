@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -104,6 +104,34 @@ class ModelsConfig(_Section):
     device: str = "auto"  # "auto": CUDA when present, else CPU
 
 
+HeatmapOutput = Literal["sc"]
+HeatmapEncoding = Literal["jpeg", "uncompressed"]
+
+
+class OutputsConfig(_Section):
+    """Optional result objects, besides the reports every model writes."""
+
+    heatmaps: list[HeatmapOutput] = ["sc"]
+    """Image models' Grad-CAM heatmaps of positive findings: ``"sc"`` writes one Secondary
+    Capture per finding (radiograph + colour overlay + burned-in text); ``[]`` writes none
+    and skips computing them."""
+    heatmap_encoding: HeatmapEncoding = "jpeg"
+    """``"jpeg"``: JPEG baseline, quality 95 (1.5 MB for a 2048x2048 image, flagged lossy);
+    ``"uncompressed"``: 12 MB each, lossless, about 0.2 s more per image to deliver."""
+
+    @field_validator("heatmaps", mode="before")
+    @classmethod
+    def _known_outputs(cls, value: object) -> object:
+        if isinstance(value, list) and "pm" in value:
+            raise ValueError(
+                "'pm' (Parametric Map) is not available: highdicom 0.28 cannot build one on a "
+                'projection radiograph, which has no frame of reference; use ["sc"] or []'
+            )
+        if isinstance(value, list) and len(set(map(str, value))) != len(value):
+            raise ValueError(f"{value!r} names an output twice")
+        return value
+
+
 class LoggingConfig(_Section):
     level: str = "INFO"
 
@@ -116,6 +144,7 @@ class Config(_Section):
     queue: QueueConfig = QueueConfig()
     dispatch: DispatchConfig = DispatchConfig()
     models: ModelsConfig = ModelsConfig()
+    outputs: OutputsConfig = OutputsConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @field_validator("destinations")

@@ -56,8 +56,18 @@ def send(
         return outcome
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    native = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     for sop_class in sorted({p.sop_class_uid for p in parcels}):
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_requested_context(sop_class, native)
+    # a compressed output (a JPEG heatmap) is sent as written, on a context of its own
+    compressed = {
+        (p.sop_class_uid, str(datasets[p.delivery_id].file_meta.TransferSyntaxUID))
+        for p in parcels
+        if p.delivery_id in datasets
+    }
+    for sop_class, syntax in sorted(compressed):
+        if syntax not in native:
+            ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "not established (unreachable or aborted)"

@@ -1,12 +1,14 @@
 """The inference worker: claim jobs, run the warm model in batches, write results, queue deliveries.
 
 Image models (chest X-ray) take a batch of jobs in one forward pass and write one SR per
-series. Volume models take one job at a time and assemble the series into a volume
-(:mod:`pacsnode.volumes`): a classifier (CT PE) writes an SR plus, for a positive exam, a
-Key Object Selection of the most suspicious slices; a segmenter (CT kidney) writes a DICOM
-SEG on the source slices and an SR with the measured volumes that references it. A series
-that cannot become a volume (gap, mixed orientation, localizer only...) fails permanently
-with the reason recorded.
+series; with ``[outputs] heatmaps = ["sc"]`` the same pass gives a Grad-CAM map of every
+finding reported Present, written first as a Secondary Capture per finding
+(:mod:`pacsnode.writers.heatmap`) that the SR then points to. Volume models take one job
+at a time and assemble the series into a volume (:mod:`pacsnode.volumes`): a classifier
+(CT PE) writes an SR plus, for a positive exam, a Key Object Selection of the most
+suspicious slices; a segmenter (CT kidney) writes a DICOM SEG on the source slices and an
+SR with the measured volumes that references it. A series that cannot become a volume
+(gap, mixed orientation, localizer only...) fails permanently with the reason recorded.
 
 Lifecycle: ``initialize()`` loads every enabled model once (they stay warm),
 ``loop(now)`` does one round of work and returns how many jobs it finished,
@@ -48,6 +50,7 @@ from pacsnode.models.base import (
 from pacsnode.spool import write_durably
 from pacsnode.tables import Delivery, DeliveryState, Instance, Job, Output, Series, Study
 from pacsnode.volumes import Volume, load_volume, plan_volume, read_slice_refs
+from pacsnode.writers.heatmap import build_heatmap_images, heatmap_uids
 from pacsnode.writers.kos import build_key_images
 from pacsnode.writers.seg import build_segmentation
 from pacsnode.writers.sr import (
@@ -155,21 +158,22 @@ class Worker:
                 self._fail(ticket, str(exc), permanent=True)
         if not inputs:
             return
+        heatmaps = "sc" in self.config.outputs.heatmaps
         try:
             try:
                 flat = [ds for datasets in inputs.values() for ds in datasets]
-                results = model.predict(flat)
+                results = model.predict(flat, heatmaps=heatmaps)
                 by_ticket = _split(results, inputs)
             except InputError:
                 by_ticket = {}
                 for ticket, datasets in inputs.items():
                     try:
-                        by_ticket[ticket] = model.predict(datasets)
+                        by_ticket[ticket] = model.predict(datasets, heatmaps=heatmaps)
                     except InputError as exc:
                         self._fail(ticket, str(exc), permanent=True)
             for ticket, ticket_results in by_ticket.items():
-                output = self._write_sr(model, inputs[ticket], ticket_results, ticket)
-                self._succeed(ticket, [output])
+                outputs = self._write_sr(model, inputs[ticket], ticket_results, ticket)
+                self._succeed(ticket, outputs)
         except Exception as exc:  # the worker's main loop: one bad batch must not stop the node
             log.exception("batch of %d jobs failed", len(tickets))
             for ticket in tickets:
@@ -221,10 +225,19 @@ class Worker:
         outputs.append(self._write(ticket, report, "sr", manifest))
         return outputs
 
-    def _write(self, ticket: Ticket, ds: Dataset, kind: str, manifest: Manifest) -> ResultFile:
-        series_uid, sop_uid = result_uids(ticket.series_uid, manifest, kind)
+    def _write(
+        self,
+        ticket: Ticket,
+        ds: Dataset,
+        kind: str,
+        manifest: Manifest,
+        uids: tuple[str, str] | None = None,
+    ) -> ResultFile:
+        """Store ``ds`` durably under the outputs; ``uids``: the (series, instance) UIDs it
+        must have, by default ``result_uids()`` of ``kind`` (one document per series)."""
+        series_uid, sop_uid = uids or result_uids(ticket.series_uid, manifest, kind)
         if (str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)) != (series_uid, sop_uid):
-            raise RuntimeError(f"{kind} writer produced UIDs other than result_uids()")
+            raise RuntimeError(f"{kind} writer produced UIDs other than the derived ones")
         buffer = BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
         path = self.config.storage.output_dir / ticket.study_uid / series_uid / f"{sop_uid}.dcm"
@@ -237,9 +250,27 @@ class Worker:
         sources: Sequence[Dataset],
         results: Sequence[ImageResult],
         ticket: Ticket,
-    ) -> ResultFile:
-        sr = build_measurement_report(sources, results, model.manifest)
-        return self._write(ticket, sr, "sr", model.manifest)
+    ) -> list[ResultFile]:
+        """The heatmap SCs of the positive findings (if any), then the SR that points to them."""
+        manifest = model.manifest
+        outputs = []
+        heatmaps: dict[tuple[str, str], Dataset] = {}
+        for index, (source, result) in enumerate(zip(sources, results, strict=True)):
+            images = build_heatmap_images(
+                source,
+                result,
+                manifest,
+                image_index=index,
+                encoding=self.config.outputs.heatmap_encoding,
+            )
+            for label, sc in images.items():
+                uids = heatmap_uids(ticket.series_uid, result.sop_instance_uid, manifest, label)
+                # outputs.kind holds 16 characters: the label is in the UID, not the kind
+                outputs.append(self._write(ticket, sc, "heatmap", manifest, uids))
+                heatmaps[(result.sop_instance_uid, label)] = sc
+        sr = build_measurement_report(sources, results, manifest, heatmaps=heatmaps)
+        outputs.append(self._write(ticket, sr, "sr", manifest))
+        return outputs
 
     def _succeed(self, ticket: Ticket, outputs: Sequence[ResultFile]) -> None:
         now = utcnow()

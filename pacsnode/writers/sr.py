@@ -17,10 +17,14 @@ Image classifier layout (TID 1500 "Imaging Measurement Report")::
       Measurement Group (TID 1501), one per source image, in the order of ``sources``
         Tracking Identifier (text + derived UID), Algorithm Identification (TID 4019)
         per reported label, in manifest order:
-          NUM   <label code> = probability, unit UCUM "1" (no units), with TID 4019
+          NUM   <label code> = probability, unit UCUM "1" (no units), with TID 4019;
+                when the finding has a heatmap (Present, see pacsnode.writers.heatmap):
+                Source of Measurement -> the heatmap Secondary Capture, where the
+                radiologist sees what the probability rests on
         per reported label, in manifest order:
           CODE  <label code> = SCT Present / SCT Absent (probability >= label threshold)
         Source of Measurement -> the image (SOP class + instance)
+    The heatmap SCs are evidence too (Current Requested Procedure Evidence Sequence).
 
 Volume classifier layout (same header; the evidence lists every instance of the series)::
 
@@ -99,7 +103,7 @@ declared in the Coding Scheme Identification Sequence of the documents that use 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
@@ -390,6 +394,7 @@ def build_measurement_report(
     series_number: int = 7001,
     now: datetime | None = None,
     procedure_reported: Code = PLAIN_CHEST_XRAY,
+    heatmaps: Mapping[tuple[str, str], Dataset] | None = None,
 ) -> hd.sr.EnhancedSR:
     """Build the Measurement Report of ``results`` for the images ``sources`` of one series.
 
@@ -409,6 +414,11 @@ def build_measurement_report(
         Content, series and observation time; defaults to the local wall clock.
     procedure_reported
         TID 1500 "Procedure Reported" (CID 100, extensible).
+    heatmaps
+        The heatmap images of the findings (:mod:`pacsnode.writers.heatmap`), keyed by
+        (source SOPInstanceUID, label name): each becomes the Source of Measurement of that
+        label's probability and part of the evidence. Only findings reported Present may
+        have one.
 
     Character set: the source's Specific Character Set is kept when highdicom accepts it
     as a stand-alone term (e.g. ``ISO_IR 192``, ``GB18030``, ``ISO_IR 100``) and our own
@@ -421,7 +431,8 @@ def build_measurement_report(
     ------
     ValueError
         When ``sources`` is empty, spans several series, or ``results`` do not match
-        ``sources`` one to one or lack a reported label's probability.
+        ``sources`` one to one or lack a reported label's probability, or a heatmap is of
+        another image or of a finding that is not Present.
     InvalidDatasetError
         When the first source lacks an attribute the SR must carry.
     """
@@ -429,9 +440,17 @@ def build_measurement_report(
         raise ValueError("sources: at least one image is needed to build a measurement report")
     check_sources(sources, "SR")
     by_instance = _match_results(sources, results, manifest)
+    illustrations = _match_heatmaps(heatmaps or {}, by_instance, manifest)
     algorithm = _algorithm(manifest)
     groups = [
-        _measurement_group(ds, by_instance[str(ds.SOPInstanceUID)], manifest, algorithm, index)
+        _measurement_group(
+            ds,
+            by_instance[str(ds.SOPInstanceUID)],
+            manifest,
+            algorithm,
+            index,
+            illustrations.get(str(ds.SOPInstanceUID), {}),
+        )
         for index, ds in enumerate(sources, start=1)
     ]
     return _enhanced_sr(
@@ -442,6 +461,7 @@ def build_measurement_report(
         series_number=series_number,
         now=now,
         codes_used=[],
+        evidence=list((heatmaps or {}).values()),
     )
 
 
@@ -529,6 +549,24 @@ def read_measurement_report(
             if _same_code(measurement.unit, PROBABILITY_UNIT):
                 key = names.get(_code_key(measurement.name), measurement.name.meaning)
                 values[key] = float(measurement.value)
+    return out
+
+
+def read_heatmap_references(
+    sr: Dataset, manifest: Manifest | None = None
+) -> dict[str, dict[str, str]]:
+    """Return ``{source SOPInstanceUID: {label: heatmap SOPInstanceUID}}`` from an SR of
+    :func:`build_measurement_report`: the image each probability points to as its Source of
+    Measurement. Keys as in :func:`read_measurement_report`."""
+    names = _names_by_code(manifest)
+    out: dict[str, dict[str, str]] = {}
+    for uid, group in _groups_by_source(sr):
+        refs = out.setdefault(uid, {})
+        for measurement in group.get_measurements():
+            images = measurement.referenced_images
+            if images and _same_code(measurement.unit, PROBABILITY_UNIT):
+                key = names.get(_code_key(measurement.name), measurement.name.meaning)
+                refs[key] = str(images[0].referenced_sop_instance_uid)
     return out
 
 
@@ -940,6 +978,31 @@ def _match_results(
     return by_instance
 
 
+def _match_heatmaps(
+    heatmaps: Mapping[tuple[str, str], Dataset],
+    by_instance: dict[str, ImageResult],
+    manifest: Manifest,
+) -> dict[str, dict[str, Dataset]]:
+    """``{source uid: {label: heatmap}}`` after checking each heatmap belongs to a source
+    image and to a finding reported Present there."""
+    labels = {label.name: label for label in manifest.reported_labels}
+    out: dict[str, dict[str, Dataset]] = {}
+    for (uid, name), heatmap in heatmaps.items():
+        result = by_instance.get(uid)
+        if result is None:
+            raise ValueError(f"heatmaps: instance {uid} is not one of the sources")
+        label = labels.get(name)
+        if label is None:
+            raise ValueError(f"heatmaps: {name!r} is not a reported label of model {manifest.name}")
+        if result.probabilities[name] < label.threshold:
+            raise ValueError(
+                f"heatmaps: instance {uid}: {name} is {result.probabilities[name]:.3f}, below "
+                f"its threshold {label.threshold}; only a finding reported Present has a heatmap"
+            )
+        out.setdefault(uid, {})[name] = heatmap
+    return out
+
+
 def _check_probability(p: float | None, manifest: Manifest, label: str, where: str) -> None:
     if p is None or not math.isfinite(p) or not 0.0 <= p <= 1.0:
         raise ValueError(
@@ -1004,15 +1067,28 @@ def _label_items(
     labels: Sequence[LabelSpec],
     probabilities: dict[str, float],
     algorithm: hd.sr.AlgorithmIdentification,
+    illustrations: Mapping[str, Dataset] | None = None,
 ) -> list[Dataset]:
-    """Per label a probability NUM, then per label a Present/Absent CODE at its threshold."""
+    """Per label a probability NUM, then per label a Present/Absent CODE at its threshold;
+    ``illustrations``: label name -> the image a probability refers to (its heatmap)."""
     measurements: list[Dataset] = []
     evaluations: list[Dataset] = []
     for label in labels:
         code = _label_code(label)
         p = float(probabilities[label.name])
+        illustration = (illustrations or {}).get(label.name)
         measurements.extend(
-            hd.sr.Measurement(name=code, value=p, unit=PROBABILITY_UNIT, algorithm_id=algorithm)
+            hd.sr.Measurement(
+                name=code,
+                value=p,
+                unit=PROBABILITY_UNIT,
+                algorithm_id=algorithm,
+                referenced_images=(
+                    [hd.sr.SourceImageForMeasurement.from_source_image(illustration)]
+                    if illustration is not None
+                    else None
+                ),
+            )
         )
         present = p >= label.threshold
         evaluations.extend(
@@ -1046,13 +1122,14 @@ def _measurement_group(
     manifest: Manifest,
     algorithm: hd.sr.AlgorithmIdentification,
     index: int,
+    illustrations: Mapping[str, Dataset],
 ) -> hd.sr.ContainerContentItem:
-    """TID 1501 for one image."""
+    """TID 1501 for one image; ``illustrations``: its heatmaps by label name."""
     return _label_group(
         _identifier(manifest, f"{manifest.name} findings, image {index}"),
         derive_uid(str(source.SOPInstanceUID), manifest.name, manifest.version, "sr", "group"),
         algorithm,
-        _label_items(manifest.reported_labels, result.probabilities, algorithm),
+        _label_items(manifest.reported_labels, result.probabilities, algorithm, illustrations),
         hd.sr.SourceImageForMeasurementGroup.from_source_image(source),
     )
 
