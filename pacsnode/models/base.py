@@ -6,12 +6,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from pydicom.dataset import Dataset
 
-from pacsnode.manifest import Manifest
+from pacsnode.errors import ManifestError
+from pacsnode.manifest import Manifest, verified_weights_path
 from pacsnode.volumes import Volume
 
 
@@ -89,6 +91,35 @@ class ImageClassifier(ABC):
         Raises :class:`pacsnode.errors.InputError` naming the instance when one
         cannot be decoded or preprocessed.
         """
+
+
+NetworkT = TypeVar("NetworkT", bound=torch.nn.Module)
+
+
+def load_weights(
+    network: NetworkT, model_dir: Path, manifest: Manifest, device: torch.device
+) -> NetworkT:
+    """``network`` with the verified weights of ``model_dir``, on ``device``, in eval mode;
+    a file that does not fit the architecture is a :class:`ManifestError` naming it."""
+    from safetensors.torch import load_file
+
+    path = verified_weights_path(model_dir, manifest)
+    try:
+        network.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as exc:
+        raise ManifestError(f"model {manifest.name}: {path} does not fit: {exc}") from exc
+    network.to(device).eval()
+    return network
+
+
+def require_hu_window(manifest: Manifest, channels: int) -> None:
+    """CT models need an HU window and the network's channel count in ``[input]``."""
+    spec = manifest.input
+    if spec.window_center is None or spec.window_width is None or spec.channels != channels:
+        raise ManifestError(
+            f"model {manifest.name}: [input] needs window_center, window_width and "
+            f"channels = {channels}"
+        )
 
 
 def default_device() -> torch.device:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import DenseNet121
 from pydicom.dataset import Dataset
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pacsnode.errors import ManifestError
 from pacsnode.manifest import (
@@ -35,9 +35,8 @@ from pacsnode.manifest import (
     Manifest,
     load_manifest,
     sha256_file,
-    verified_weights_path,
 )
-from pacsnode.models.base import ImageClassifier, ImageResult
+from pacsnode.models.base import ImageClassifier, ImageResult, load_weights
 from pacsnode.pixels import to_display_array
 
 NUM_LABELS = 14
@@ -87,14 +86,7 @@ class ChexNetClassifier(ImageClassifier):
                 f"model {manifest.name}: {len(manifest.labels)} labels, DenseNet-121 head has "
                 f"{NUM_LABELS}"
             )
-        path = verified_weights_path(model_dir, manifest)
-        network = build_network()
-        state = load_file(str(path))
-        try:
-            network.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ManifestError(f"model {manifest.name}: {path} does not fit: {exc}") from exc
-        network.to(device).eval()
+        network = load_weights(build_network(), model_dir, manifest, device)
         return cls(manifest, network, device)
 
     def predict(self, datasets: Sequence[Dataset], *, heatmaps: bool = False) -> list[ImageResult]:

@@ -33,13 +33,17 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
-from safetensors.torch import load_file
 from scipy import ndimage
 from torch import nn
 
 from pacsnode.errors import ManifestError
-from pacsnode.manifest import InputSpec, Manifest, load_manifest, verified_weights_path
-from pacsnode.models.base import SegmentationResult, VolumeSegmenter
+from pacsnode.manifest import InputSpec, Manifest, load_manifest
+from pacsnode.models.base import (
+    SegmentationResult,
+    VolumeSegmenter,
+    load_weights,
+    require_hu_window,
+)
 from pacsnode.volumes import Volume
 
 SEGMENT_LABELS: tuple[str, ...] = ("left_kidney", "right_kidney", "kidney_tumour", "kidney_cyst")
@@ -186,18 +190,8 @@ class KidneySegmenter(VolumeSegmenter):
             raise ManifestError(
                 f"model {manifest.name}: segment labels {names} differ from {list(SEGMENT_LABELS)}"
             )
-        spec = manifest.input
-        if spec.window_center is None or spec.window_width is None or spec.channels != 1:
-            raise ManifestError(
-                f"model {manifest.name}: [input] needs window_center, window_width and channels = 1"
-            )
-        path = verified_weights_path(model_dir, manifest)
-        network = KidneyNetwork()
-        try:
-            network.load_state_dict(load_file(str(path)), strict=True)
-        except RuntimeError as exc:
-            raise ManifestError(f"model {manifest.name}: {path} does not fit: {exc}") from exc
-        network.to(device).eval()
+        require_hu_window(manifest, channels=1)
+        network = load_weights(KidneyNetwork(), model_dir, manifest, device)
         return cls(manifest, network, device)
 
     def coarse_probability(self, x: torch.Tensor) -> torch.Tensor:

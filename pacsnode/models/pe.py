@@ -29,12 +29,17 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import EfficientNetBN
 from monai.networks.nets.efficientnet import MBConvBlock
-from safetensors.torch import load_file
 from torch import nn
 
 from pacsnode.errors import InputError, ManifestError
-from pacsnode.manifest import InputSpec, Manifest, load_manifest, verified_weights_path
-from pacsnode.models.base import SeriesResult, SliceScore, VolumeClassifier
+from pacsnode.manifest import InputSpec, Manifest, load_manifest
+from pacsnode.models.base import (
+    SeriesResult,
+    SliceScore,
+    VolumeClassifier,
+    load_weights,
+    require_hu_window,
+)
 from pacsnode.volumes import Volume
 
 IMAGE_LABEL = "pe_present_on_image"
@@ -476,18 +481,8 @@ class PEClassifier(VolumeClassifier):
                 f"model {manifest.name}: labels {image + exam} differ from the network's "
                 f"{[IMAGE_LABEL, *EXAM_LABELS]}"
             )
-        spec = manifest.input
-        if spec.window_center is None or spec.window_width is None or spec.channels != 3:
-            raise ManifestError(
-                f"model {manifest.name}: [input] needs window_center, window_width and channels = 3"
-            )
-        path = verified_weights_path(model_dir, manifest)
-        network = build_network()
-        try:
-            network.load_state_dict(load_file(str(path)), strict=True)
-        except RuntimeError as exc:
-            raise ManifestError(f"model {manifest.name}: {path} does not fit: {exc}") from exc
-        network.to(device).eval()
+        require_hu_window(manifest, channels=3)
+        network = load_weights(build_network(), model_dir, manifest, device)
         network.encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         return cls(manifest, network, device)
 
