@@ -129,8 +129,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--batches", default="1,4,8,16", help="raw batch sizes to try")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
-    with tempfile.TemporaryDirectory(prefix="pacsnode-bench-") as tmp:
+    # no autograd for the reference; a context, so a test calling main() keeps its grad mode
+    with torch.no_grad(), tempfile.TemporaryDirectory(prefix="pacsnode-bench-") as tmp:
         worker, _intake = make_node(Path(tmp), args.images, args.size, args.device)
         model = worker.models[MODEL]
         network, device = model.network, model.device  # type: ignore[attr-defined]

@@ -110,6 +110,17 @@ def test_heatmaps_leave_the_probabilities_bit_identical(model: ChexNetClassifier
             assert heat.min() >= 0.0 and heat.max() in (0.0, 1.0)
 
 
+def test_heatmaps_do_not_depend_on_the_callers_grad_mode(model: ChexNetClassifier) -> None:
+    """A caller inside ``torch.no_grad()`` (a benchmark, a host application) still gets maps."""
+    (ds, _) = make_cxr_dataset(9100, rows=320, cols=256)
+    (expected,) = model.predict([ds], heatmaps=True)
+    with torch.no_grad():
+        (result,) = model.predict([ds], heatmaps=True)
+    assert result.heatmaps.keys() == expected.heatmaps.keys() and result.heatmaps
+    for label, heat in result.heatmaps.items():
+        np.testing.assert_array_equal(heat, expected.heatmaps[label])
+
+
 def test_heatmap_on_source_centres_each_cell_on_its_part_of_the_image() -> None:
     coarse = np.zeros((7, 7), np.float32)
     coarse[2, 5] = 1.0

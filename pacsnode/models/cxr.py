@@ -152,7 +152,8 @@ class ChexNetClassifier(ImageClassifier):
                 logits = self._part("class_layers")(hidden.clone())  # its ReLU is in place
             probs = torch.sigmoid(logits.detach()).float().cpu()
             outputs.append(probs)
-            maps.extend(self._grad_cam(logits, taps, probs, labels))
+            with torch.enable_grad():  # whatever grad mode the caller runs in
+                maps.extend(self._grad_cam(logits, taps, probs, labels))
         return torch.cat(outputs), maps
 
     def _part(self, name: str) -> torch.nn.Module:
