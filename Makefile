@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 CONFIG ?= config/pacsnode.toml
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Debian packages the tests talk to: dcmtk (storescu/echoscu/dsr2html), Orthanc, dicom3tools (dciodvfy),
-# chromium (headless screenshots of Orthanc's web page showing our results)
-SYSTEM_TOOLS := storescu:dcmtk echoscu:dcmtk dsr2html:dcmtk dcmj2pnm:dcmtk Orthanc:orthanc dciodvfy:dicom3tools chromium:chromium
+# chromium (headless screenshots of Orthanc's web page showing our results), systemd (systemd-analyze
+# verify of the units in systemd/)
+SYSTEM_TOOLS := storescu:dcmtk echoscu:dcmtk dsr2html:dcmtk dcmj2pnm:dcmtk Orthanc:orthanc dciodvfy:dicom3tools chromium:chromium systemd-analyze:systemd
 
 .PHONY: run test bench install install-test system-deps lint typecheck weights clean
 

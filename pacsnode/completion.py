@@ -41,7 +41,9 @@ def complete_due_series(session: Session, cfg: CompletionConfig, now: datetime) 
         if not is_complete(series, cfg, now):
             continue
         again = series.completed_at is not None
-        series.completed_at = now
+        # an instance stored between taking ``now`` and this read is already counted: not
+        # "late", so it must not complete the series a second time and rerun its jobs
+        series.completed_at = max(now, series.last_received_at)
         study_uid = session.scalar(select(Study.study_uid).where(Study.id == series.study_id))
         eventlog.record(
             session,

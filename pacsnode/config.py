@@ -10,8 +10,17 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pacsnode.errors import ConfigError
 
@@ -33,16 +42,91 @@ def _check_aet(value: str) -> str:
     return value
 
 
+class AllowRule(_Section):
+    """One ``[[node.allow]]`` entry: a calling AE title, a source network, or both.
+
+    A peer may associate when it matches at least one rule: its calling AE title equals
+    ``ae_title`` (when given) and its address lies in ``address`` (when given; a single
+    address or a CIDR network, IPv4 or IPv6).
+    """
+
+    ae_title: AeTitle | None = None
+    address: IPvAnyNetwork | None = None
+
+    @field_validator("ae_title")
+    @classmethod
+    def _aet(cls, value: str | None) -> str | None:
+        return None if value is None else _check_aet(value)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> AllowRule:
+        if self.ae_title is None and self.address is None:
+            raise ValueError("an allow rule needs ae_title, address or both")
+        return self
+
+
+class TlsConfig(_Section):
+    """``[node.tls]``: DICOM TLS (PS3.15 B.1) on the node's port; off by default.
+
+    With TLS on, the port speaks only TLS: a plain-TCP peer fails the handshake and is
+    disconnected. ``client_ca`` turns on mutual TLS: every peer must present a
+    certificate signed by one of those CAs (the system's CAs are never trusted for it).
+    """
+
+    enabled: bool = False
+    certificate: Path | None = None
+    """PEM server certificate (chain), sent to peers."""
+    private_key: Path | None = None
+    """PEM private key of ``certificate``, unencrypted; keep it mode 0600."""
+    client_ca: Path | None = None
+    """PEM CA bundle; set: client certificates are required and verified against it."""
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+    @model_validator(mode="after")
+    def _files_given(self) -> TlsConfig:
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("tls.enabled needs certificate and private_key")
+        return self
+
+
 class NodeConfig(_Section):
+    """The DICOM listener: who may associate, how, and the limits that keep it serving.
+
+    Access: with neither ``allowed_calling_aets`` nor ``allow`` set, any peer may
+    associate (as before). Otherwise a peer must match one ``[[node.allow]]`` rule or
+    have a calling AE title listed in ``allowed_calling_aets`` (kept as shorthand for
+    rules with an AE title and no address). Refused peers get A-ASSOCIATE-RJ
+    permanent, "calling AE title not recognized" (PS3.8 9.3.4) whether the title or the
+    address failed, so a prober learns nothing; the log and the audit row say which.
+
+    Limits: ``max_associations`` concurrent associations (more get A-ASSOCIATE-RJ
+    transient, "local limit exceeded"); ``max_pdu_size`` is what we announce and enforce
+    on received P-DATA-TF (a larger one aborts the association); ``acse_timeout`` bounds
+    the whole opening (TLS handshake and A-ASSOCIATE-RQ, however slowly it trickles);
+    ``dimse_timeout`` bounds the arrival of one DIMSE message, command and dataset,
+    from its first byte to its last (raise it for very large objects over slow links);
+    ``network_timeout`` is the longest silence between PDUs.
+
+    Per association: after ``max_association_instances`` C-STOREs, each further one is
+    answered 0xA700 (Refused: Out of Resources) and its bytes dropped, so the modality
+    retries it on a new association; once ``max_association_bytes`` of dataset bytes
+    have arrived the association is aborted (A-ABORT) at once, the instance in flight
+    discarded, and the reason logged and audited. 0 means no cap.
+    """
+
     ae_title: AeTitle = "PACSNODE"
     host: str = "0.0.0.0"
     port: Port = 11112
     allowed_calling_aets: list[AeTitle] = []
+    allow: list[AllowRule] = []
+    tls: TlsConfig = TlsConfig()
     max_pdu_size: int = Field(0, ge=0, description="0: unlimited")
     max_associations: int = Field(16, ge=1)
     acse_timeout: float = Field(30.0, gt=0)
-    dimse_timeout: float = Field(60.0, gt=0)
+    dimse_timeout: float = Field(120.0, gt=0)
     network_timeout: float = Field(60.0, gt=0)
+    max_association_instances: int = Field(0, ge=0, description="0: unlimited")
+    max_association_bytes: int = Field(0, ge=0, description="0: unlimited")
 
     _aet = field_validator("ae_title")(_check_aet)
 
@@ -50,6 +134,13 @@ class NodeConfig(_Section):
     @classmethod
     def _check_aets(cls, value: list[str]) -> list[str]:
         return [_check_aet(v) for v in value]
+
+    @field_validator("max_pdu_size")
+    @classmethod
+    def _pdu_size(cls, value: int) -> int:
+        if value and value < 4096:
+            raise ValueError("max_pdu_size must be 0 (unlimited) or at least 4096")
+        return value
 
 
 class StorageConfig(_Section):
@@ -134,6 +225,71 @@ class OutputsConfig(_Section):
 
 class LoggingConfig(_Section):
     level: str = "INFO"
+    format: Literal["text", "json"] = "text"
+    """"text": one line for a person; "json": one JSON object per line, for a log shipper."""
+
+
+class MetricsConfig(_Section):
+    """``[metrics]``: the Prometheus endpoint each ``pacsnode serve`` process offers."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9110, ge=0, le=65535)
+    """0: any free port (tests; the bound port is logged). A split deployment's processes
+    add an offset so they share one config: receiver +0, worker +1, dispatch +2,
+    scheduler +3, by the first component the process runs."""
+
+
+_CLOCK_RE = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+
+
+def _check_clock(value: str) -> str:
+    if not _CLOCK_RE.match(value):
+        raise ValueError(f"{value!r} is not a local time of day as HH:MM (00:00-23:59)")
+    return value
+
+
+class AuditConfig(_Section):
+    """``[audit]``: the nightly report of the previous local day (see :mod:`pacsnode.audit`)."""
+
+    reports_dir: Path = Path("var/reports")
+    run_at: str = "02:00"
+    """Local time of day (HH:MM, in ``timezone``) the scheduler writes yesterday's report."""
+    timezone: str = ""
+    """IANA name (e.g. "Europe/Berlin") for day boundaries and ``run_at``; "": the host's."""
+    drift_bound: float = Field(0.15, gt=0, le=1)
+    """Flag a label when the day's positive rate differs from the trailing rate by more
+    than this, as an absolute difference of rates (0.15: 15 percentage points)."""
+    drift_window_days: int = Field(30, ge=1)
+    drift_min_results: int = Field(10, ge=1)
+    """A label with fewer results on the day (or in the window) is shown but never flagged."""
+
+    _run_at = field_validator("run_at")(_check_clock)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        if value:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError) as exc:
+                raise ValueError(f"{value!r} is not a known IANA time zone") from exc
+        return value
+
+
+class RetentionConfig(_Section):
+    """``[retention]``: when source instances leave the spool (see :mod:`pacsnode.retention`)."""
+
+    enabled: bool = True
+    delivered_days: float = Field(7.0, ge=1)
+    """Days after every result of a series was delivered (or, for a series no model took,
+    after it completed) before its instances are deleted."""
+    failed_days: float = Field(30.0, ge=1)
+    """Days to keep a series with a dead job or a dead delivery, for investigation."""
+    run_at: str = "03:00"
+    """Local time of day (HH:MM, in ``[audit] timezone``) the scheduler purges."""
+
+    _run_at = field_validator("run_at")(_check_clock)
 
 
 class Config(_Section):
@@ -146,6 +302,9 @@ class Config(_Section):
     models: ModelsConfig = ModelsConfig()
     outputs: OutputsConfig = OutputsConfig()
     logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    audit: AuditConfig = AuditConfig()
+    retention: RetentionConfig = RetentionConfig()
 
     @field_validator("destinations")
     @classmethod

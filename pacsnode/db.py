@@ -9,6 +9,7 @@ busy timeout instead. PostgreSQL needs none of this: the claim below renders
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,13 +31,27 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def _private_file(path: Path) -> None:
+    """Create the SQLite file 0600 whatever the umask; SQLite gives its -wal and -shm
+    files the database file's mode, so they stay private too."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def make_engine(url: str, busy_timeout_seconds: float = 10.0) -> Engine:
     """Create the engine for ``url``; for SQLite, create the folder and set the pragmas."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
     if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        _private_file(Path(parsed.database))
     engine = create_engine(
         url,
         connect_args={"check_same_thread": False, "timeout": busy_timeout_seconds},
@@ -132,10 +147,16 @@ def claim_jobs(
     now: datetime,
     lease_seconds: float,
     limit: int = 1,
+    first_attempts_only: bool = False,
 ) -> list[int]:
-    """Atomically take runnable jobs of ``model_names``: queued, due for retry, or orphaned."""
+    """Atomically take runnable jobs of ``model_names``: queued, due for retry, or orphaned.
+
+    ``first_attempts_only``: only jobs never tried since they were queued.
+    """
     ready = [JobState.QUEUED, JobState.FAILED]
-    where = [Job.model_name.in_(list(model_names))]
+    where: list[Any] = [Job.model_name.in_(list(model_names))]
+    if first_attempts_only:
+        where.append(Job.attempts == 0)
     return _claim(
         session, Job, ready, JobState.RUNNING, where, worker_id, now, lease_seconds, limit
     )

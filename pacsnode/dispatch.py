@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacsnode import db, eventlog, queue
 from pacsnode.config import Config, DestinationConfig, DispatchConfig
 from pacsnode.db import utcnow
+from pacsnode.metrics import Metrics
 from pacsnode.tables import Delivery, DeliveryState, Output
 
 log = logging.getLogger(__name__)
@@ -137,10 +138,12 @@ class Dispatcher:
         config: Config,
         sessions: sessionmaker[Session],
         worker_id: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.sessions = sessions
         self.worker_id = worker_id or queue.worker_identity()
+        self.metrics = metrics or Metrics()
         self.destinations = {d.name: d for d in config.destinations}
 
     def initialize(self) -> None:
@@ -196,3 +199,4 @@ class Dispatcher:
                     continue  # requeued or taken over meanwhile
                 error = outcome.get(parcel.delivery_id, "not attempted")
                 record_outcome(session, delivery, error, now, self.config.dispatch)
+                self.metrics.delivery_recorded(delivery, error)

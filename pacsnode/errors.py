@@ -38,3 +38,7 @@ class VolumeError(InputError):
 
 class DeliveryError(PacsnodeError):
     """A destination refused or could not be reached."""
+
+
+class AdminError(PacsnodeError):
+    """An administrator's command cannot be carried out as asked (nothing matches, wrong state)."""

@@ -22,11 +22,18 @@ from pacsnode.config import QueueConfig
 from pacsnode.tables import Delivery, DeliveryState, Job, JobState
 
 _ALLOWED: dict[JobState, set[JobState]] = {
-    JobState.QUEUED: {JobState.RUNNING, JobState.DEAD},
-    JobState.RUNNING: {JobState.SUCCEEDED, JobState.FAILED, JobState.DEAD, JobState.QUEUED},
-    JobState.FAILED: {JobState.RUNNING, JobState.DEAD, JobState.QUEUED},
+    JobState.QUEUED: {JobState.RUNNING, JobState.DEAD, JobState.CANCELLED},
+    JobState.RUNNING: {
+        JobState.SUCCEEDED,
+        JobState.FAILED,
+        JobState.DEAD,
+        JobState.QUEUED,
+        JobState.CANCELLED,
+    },
+    JobState.FAILED: {JobState.RUNNING, JobState.DEAD, JobState.QUEUED, JobState.CANCELLED},
     JobState.SUCCEEDED: {JobState.QUEUED},
     JobState.DEAD: {JobState.QUEUED},
+    JobState.CANCELLED: {JobState.QUEUED},
 }
 
 
@@ -59,7 +66,7 @@ def transition(
     old = job.state
     job.state = new
     job.updated_at = now
-    if new in (JobState.SUCCEEDED, JobState.DEAD):
+    if new in (JobState.SUCCEEDED, JobState.DEAD, JobState.CANCELLED):
         job.finished_at = now
         job.lease_until = None
     if new is JobState.QUEUED:
@@ -73,7 +80,11 @@ def transition(
         job.last_error = error
     if not_before is not None:
         job.not_before = not_before
-    level = {JobState.DEAD: "error", JobState.FAILED: "warning"}.get(new, "info")
+    level = {
+        JobState.DEAD: "error",
+        JobState.FAILED: "warning",
+        JobState.CANCELLED: "warning",
+    }.get(new, "info")
     detail = f": {error}" if error else ""
     eventlog.record(
         session,
@@ -124,6 +135,7 @@ def claim(
     now: datetime,
     cfg: QueueConfig,
     limit: int = 1,
+    first_attempts_only: bool = False,
 ) -> list[Job]:
     """Take up to ``limit`` runnable jobs; jobs out of attempts are declared dead first."""
     exhausted = session.scalars(
@@ -141,11 +153,23 @@ def claim(
             now,
             error=f"worker lost the job {job.attempts} times (crash or kill while running)",
         )
-    ids = db.claim_jobs(session, model_names, worker_id, now, cfg.lease_seconds, limit)
+    ids = db.claim_jobs(
+        session, model_names, worker_id, now, cfg.lease_seconds, limit, first_attempts_only
+    )
     if not ids:
         return []
     fresh = select(Job).where(Job.id.in_(ids)).order_by(Job.id)
-    return list(session.scalars(fresh.execution_options(populate_existing=True)))
+    claimed = list(session.scalars(fresh.execution_options(populate_existing=True)))
+    for job in claimed:  # the claim is one UPDATE, not transition(): the audit still sees it
+        eventlog.record(
+            session,
+            "job-running",
+            f"job {job.id} ({job.model_name} {job.model_version}) → running, "
+            f"attempt {job.attempts} by {worker_id}",
+            now,
+            job_id=job.id,
+        )
+    return claimed
 
 
 def still_owned(session: Session, job_id: int, worker_id: str, attempts: int) -> Job | None:

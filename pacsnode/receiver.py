@@ -9,7 +9,9 @@ never on the association thread. The wire protocol lives in :mod:`pacsnode.upper
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import struct
 import threading
 from collections.abc import Callable
@@ -44,7 +46,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacsnode import eventlog
 from pacsnode.config import Config
 from pacsnode.db import utcnow
-from pacsnode.errors import InvalidDatasetError, PacsnodeError, SpoolError
+from pacsnode.errors import ConfigError, InvalidDatasetError, PacsnodeError, SpoolError
+from pacsnode.metrics import Metrics
 from pacsnode.spool import IncomingFile, is_valid_uid, spool_path, sweep_temp_files
 from pacsnode.status import (
     DatabaseUnavailableError,
@@ -59,8 +62,10 @@ from pacsnode.upperlayer import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
     AcceptorPolicy,
+    AccessRule,
     StoreRequest,
     StoreServer,
+    server_ssl_context,
 )
 from pacsnode.wellformed import check_stream
 
@@ -94,6 +99,7 @@ _HEADER_TAGS = [
     "SeriesInstanceUID",
     "Modality",
     "ViewPosition",
+    "AccessionNumber",
 ]
 
 
@@ -108,6 +114,7 @@ class InstanceHeader:
     modality: str
     view_position: str
     transfer_syntax_uid: str
+    accession_number: str = ""  # so `pacsnode requeue --accession` finds the study
 
 
 _HEADER_TAG_NUMBERS = {keyword: int(tag_for_keyword(keyword) or 0) for keyword in _HEADER_TAGS}
@@ -158,6 +165,7 @@ def read_header(
         modality=values["Modality"][:16],
         view_position=values["ViewPosition"][:16],
         transfer_syntax_uid=transfer_syntax,
+        accession_number=values["AccessionNumber"][:16],
     )
 
 
@@ -205,7 +213,12 @@ def record_instance(
         study_id = session.scalar(_STUDY_ID, {"b_uid": header.study_uid})
         if study_id is None:
             study_id = session.execute(
-                _NEW_STUDY, {"study_uid": header.study_uid, "created_at": now}
+                _NEW_STUDY,
+                {
+                    "study_uid": header.study_uid,
+                    "accession_number": header.accession_number,
+                    "created_at": now,
+                },
             ).scalar_one()
         series_id = session.execute(
             _NEW_SERIES,
@@ -428,6 +441,9 @@ class _IncomingInstance:
                 "C-STORE from %s refused with 0x%04X: %s", self.request.calling_aet, status, exc
             )
             return int(status), str(exc)
+        self.handler.metrics.instance_stored(
+            self.request.calling_aet, header.modality, self.file.size - self.dataset_offset
+        )
         self.handler.on_stored(header)
         return int(StoreStatus.SUCCESS), ""
 
@@ -441,8 +457,15 @@ class _IncomingInstance:
         final = spool_path(
             self.handler.spool_dir, header.study_uid, header.series_uid, header.sop_instance_uid
         )
+        first_copy = not final.exists()
         self.file.publish(final)
-        self.handler.recorder.record(header, final, self.file.size, request.calling_aet)
+        try:
+            self.handler.recorder.record(header, final, self.file.size, request.calling_aet)
+        except PacsnodeError:
+            if first_copy:  # refused: leave no file without a row (a resend's row keeps its file)
+                with contextlib.suppress(OSError):
+                    final.unlink()
+            raise
         return header
 
 
@@ -454,10 +477,12 @@ class StoreHandler:
         spool_dir: Path,
         sessions: sessionmaker[Session],
         on_stored: Callable[[InstanceHeader], None] = lambda header: None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.spool_dir = spool_dir
         self.recorder = Recorder(sessions)
         self.on_stored = on_stored
+        self.metrics = metrics or Metrics()
 
     def begin(self, request: StoreRequest) -> _IncomingInstance | _Refused:
         if not is_valid_uid(request.sop_class_uid):
@@ -474,18 +499,47 @@ class StoreHandler:
 
 
 def acceptor_policy(config: Config) -> AcceptorPolicy:
-    """Our AE title, presentation contexts and access rules, from the config."""
+    """Our AE title, presentation contexts, access rules, TLS and limits, from the config."""
     node = config.node
+    tls = node.tls
+    ssl_context = None
+    if tls.enabled:
+        assert tls.certificate is not None and tls.private_key is not None  # config checks it
+        try:
+            ssl_context = server_ssl_context(
+                tls.certificate, tls.private_key, tls.client_ca, tls.min_version
+            )
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                f"node.tls: cannot load certificate, key or client_ca: {exc}"
+            ) from exc
     return AcceptorPolicy.with_contexts(
         STORAGE_SOP_CLASSES,
         TRANSFER_SYNTAXES,
         ae_title=node.ae_title,
         allowed_calling_aets=tuple(node.allowed_calling_aets),
+        allow=tuple(AccessRule(rule.ae_title, rule.address) for rule in node.allow),
         max_pdu_size=node.max_pdu_size,
         max_associations=node.max_associations,
         acse_timeout=node.acse_timeout,
+        dimse_timeout=node.dimse_timeout,
         network_timeout=node.network_timeout,
+        max_instances=node.max_association_instances,
+        max_bytes=node.max_association_bytes,
+        ssl_context=ssl_context,
     )
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` readable by the node's user only (0700, whatever the umask)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        if path.is_dir() and path.stat().st_mode & 0o077:
+            log.warning("%s is readable by other users; it holds patient data", path)
+        return
+    os.chmod(path, 0o700)
 
 
 class Receiver:
@@ -496,18 +550,23 @@ class Receiver:
         config: Config,
         sessions: sessionmaker[Session],
         on_stored: Callable[[InstanceHeader], None] = lambda header: None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
-        self.handler = StoreHandler(config.storage.spool_dir, sessions, on_stored)
+        self.handler = StoreHandler(config.storage.spool_dir, sessions, on_stored, metrics)
+        self.audit = eventlog.AssociationAudit(sessions.kw["bind"])
         self.server: StoreServer | None = None
 
     def initialize(self) -> None:
         spool = self.config.storage.spool_dir
-        spool.mkdir(parents=True, exist_ok=True)
+        _private_dir(spool)
         removed = sweep_temp_files(spool)
         if removed:
             log.warning("removed %d partial files left in %s by an earlier crash", removed, spool)
-        server = StoreServer(acceptor_policy(self.config), self.handler)
+        policy = acceptor_policy(self.config)
+        self.audit.initialize()
+        observer = self.handler.metrics.observe_associations(self.audit)
+        server = StoreServer(policy, self.handler, observer)
         server.start(self.config.node.host, self.config.node.port)
         self.server = server
         log.info(
@@ -521,3 +580,4 @@ class Receiver:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+        self.audit.shutdown()

@@ -52,6 +52,8 @@ def route_series(
     jobs = []
     for manifest in manifests:
         reason = decide(manifest, series.modality, sop_classes, views)
+        if not rows:  # each instance was re-sent in another series (routed on its own)
+            reason = f"series {series.series_uid} has no instances left; nothing to route"
         if reason is None and manifest.accepts.ct is not None:
             jobs.extend(_select_in_study(session, series, manifest, manifest.accepts.ct, now))
             continue
@@ -119,7 +121,7 @@ def _select_in_study(
             now,
         )
         return []
-    complete = [s for s in siblings if s.completed_at is not None]
+    complete = [s for s in siblings if s.completed_at is not None and s.instance_count > 0]
     summaries = {s.id: _summary(session, s) for s in complete}
     choice = selection.choose(list(summaries.values()), criteria)
     jobs = []

@@ -111,6 +111,10 @@ def summarize(ds: Dataset, slices: int) -> SeriesSummary:
         recon = _first(shared, "CTReconstructionSequence")
         if not kernel and recon is not None:
             kernel = " ".join(str(v) for v in _as_list(recon.get("ConvolutionKernel")))
+    frame = _first(ds, "PerFrameFunctionalGroupsSequence")
+    if orientation is None and frame is not None:  # Enhanced CT may give geometry per frame
+        plane = _first(frame, "PlaneOrientationSequence")
+        orientation = _floats(plane.get("ImageOrientationPatient")) if plane is not None else None
     frames = int(ds.get("NumberOfFrames") or 1)
     agent = ds.get("ContrastBolusAgent")
     if agent is None:

@@ -1,4 +1,4 @@
-"""`pacsnode serve`: receiver, completion/routing, worker and dispatcher in one process.
+"""`pacsnode serve`: receiver, completion/routing, worker, dispatcher and scheduler in one process.
 
 Each component runs its own thread around ``loop()`` and is woken early by the
 stage before it (a stored instance wakes completion, a new job wakes the
@@ -23,23 +23,29 @@ from pacsnode.config import Config
 from pacsnode.db import make_engine, make_sessionmaker, upgrade, utcnow
 from pacsnode.dispatch import Dispatcher
 from pacsnode.manifest import Manifest, load_enabled
+from pacsnode.metrics import Metrics
 from pacsnode.receiver import InstanceHeader, Receiver
-from pacsnode.worker import Worker
+from pacsnode.scheduler import NightlyScheduler
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("receiver", "worker", "dispatch")
+COMPONENTS = ("receiver", "worker", "dispatch", "scheduler")
 
 
 class Intake:
     """Completion and routing: turns stored instances into queued jobs."""
 
     def __init__(
-        self, config: Config, sessions: sessionmaker[Session], manifests: list[Manifest]
+        self,
+        config: Config,
+        sessions: sessionmaker[Session],
+        manifests: list[Manifest],
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.sessions = sessions
         self.manifests = manifests
+        self.metrics = metrics or Metrics()
 
     def initialize(self) -> None:
         pass
@@ -53,6 +59,7 @@ class Intake:
         jobs = 0
         with self.sessions.begin() as session:
             for series in completion.complete_due_series(session, self.config.completion, now):
+                self.metrics.series_completed(series)
                 jobs += len(routing.route_series(session, series, self.manifests, now))
         return jobs
 
@@ -115,28 +122,37 @@ class Node:
         self.stop = threading.Event()
         self.loops: list[Loop] = []
         self.receiver: Receiver | None = None
+        self.nightly: NightlyScheduler | None = None
+        self.metrics = Metrics()
 
     def start(self) -> None:
         upgrade(self.engine)
+        self._serve_metrics()
         poll = self.config.queue.poll_seconds
         dispatch_loop = worker_loop = None
         if "dispatch" in self.components:
-            dispatcher = Dispatcher(self.config, self.sessions)
+            dispatcher = Dispatcher(self.config, self.sessions, metrics=self.metrics)
             dispatcher.initialize()
             dispatch_loop = Loop("dispatch", dispatcher.loop, lambda: poll)
         if "worker" in self.components:
-            worker = Worker(self.config, self.sessions)
+            # imports torch (seconds): a receiver restarting after a crash must not wait for it
+            from pacsnode.worker import Worker
+
+            worker = Worker(self.config, self.sessions, metrics=self.metrics)
             worker.initialize()
             wake_dispatch = dispatch_loop.wake.set if dispatch_loop else (lambda: None)
             worker_loop = Loop("worker", worker.loop, lambda: poll, after=wake_dispatch)
         if "receiver" in self.components:
             manifests = load_enabled(self.config.models.dir, self.config.models.enabled)
-            intake = Intake(self.config, self.sessions, manifests)
+            intake = Intake(self.config, self.sessions, manifests, self.metrics)
             wake_worker = worker_loop.wake.set if worker_loop else (lambda: None)
             intake_loop = Loop("intake", intake.loop, intake.wait_hint, after=wake_worker)
             self.loops.append(intake_loop)
             self.receiver = Receiver(
-                self.config, self.sessions, on_stored=_wake_for_immediate(intake_loop.wake)
+                self.config,
+                self.sessions,
+                on_stored=_wake_for_immediate(intake_loop.wake),
+                metrics=self.metrics,
             )
         self.loops += [loop for loop in (worker_loop, dispatch_loop) if loop is not None]
         for loop in self.loops:
@@ -146,16 +162,37 @@ class Node:
             loop.thread.start()
         if self.receiver is not None:
             self.receiver.initialize()
+        if "scheduler" in self.components:
+            self.nightly = NightlyScheduler(self.config, self.sessions)
+            self.nightly.initialize()
         log.info("pacsnode started: %s", ", ".join(self.components))
 
     def shutdown(self) -> None:
         if self.receiver is not None:
             self.receiver.shutdown()
+        if self.nightly is not None:
+            self.nightly.shutdown()
         self.stop.set()
         for loop in self.loops:
             loop.wake.set()
         for loop in self.loops:
             if loop.thread is not None:
                 loop.thread.join(timeout=30)
+        self.metrics.shutdown()
         self.engine.dispose()
         log.info("pacsnode stopped")
+
+    def _serve_metrics(self) -> None:
+        """The endpoint of this process; the database gauges only in the receiver's process
+        (there is one), so a split deployment does not report every job count twice."""
+        cfg = self.config.metrics
+        if not cfg.enabled:
+            return
+        if "receiver" in self.components:
+            self.metrics.watch_database(
+                self.engine,
+                self.config.models.enabled,
+                [dest.name for dest in self.config.destinations],
+            )
+        offset = min((COMPONENTS.index(c) for c in self.components), default=0)
+        self.metrics.serve(cfg, offset)

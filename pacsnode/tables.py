@@ -31,6 +31,7 @@ class JobState(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # will be retried after not_before
     DEAD = "dead"  # gave up: max attempts or a permanent input error
+    CANCELLED = "cancelled"  # stopped by an administrator (`pacsnode cancel`); requeue revives
 
 
 class DeliveryState(enum.StrEnum):
@@ -58,6 +59,7 @@ class Study(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_uid: Mapped[str] = mapped_column(UID, unique=True)
+    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime)
 
     series: Mapped[list[Series]] = relationship(back_populates="study")
@@ -168,6 +170,48 @@ class Delivery(LeasedWork, Base):
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     output: Mapped[Output] = relationship(back_populates="deliveries")
+
+
+class Finding(Base):
+    """A job's series-level verdict per reported label, read back from its SR, so the audit
+    can watch each label's positive rate drift; a rerun of the job replaces its rows."""
+
+    __tablename__ = "findings"
+    __table_args__ = (UniqueConstraint("job_id", "label"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    positive: Mapped[bool] = mapped_column(Boolean)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
+class AssociationLog(Base):
+    """The audit trail of the DICOM listener: one row per connection, accepted or not.
+
+    An accepted association's row is inserted when it is accepted (so it survives a
+    crash mid-association, with ``ended_at`` empty) and completed when it ends; its
+    counts are kept in memory meanwhile, never written per instance. Connections
+    refused or broken before acceptance get one row when they end.
+    """
+
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime)
+    calling_aet: Mapped[str] = mapped_column(String(16))
+    called_aet: Mapped[str] = mapped_column(String(16))
+    peer_address: Mapped[str] = mapped_column(String(64), index=True)
+    peer_port: Mapped[int] = mapped_column(Integer)
+    tls: Mapped[bool] = mapped_column(Boolean)
+    tls_peer: Mapped[str] = mapped_column(String(128), default="")
+    result: Mapped[str] = mapped_column(String(16))  # accepted | rejected | failed
+    outcome: Mapped[str | None] = mapped_column(String(16))  # released | aborted | ...
+    reason: Mapped[str] = mapped_column(Text, default="")
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    refused: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Event(Base):

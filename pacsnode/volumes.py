@@ -42,6 +42,7 @@ and the culprit:
 * oblique stacks (more than :data:`MAX_OBLIQUE_DEG` from a patient axis);
 * two frames within :data:`DUPLICATE_TOLERANCE_MM` along the normal;
 * fewer than ``min_slices`` slices left after the localizers;
+* more than :data:`MAX_VOXELS` voxels claimed by the headers (checked before allocating);
 * uneven slices: a spacing above :data:`GAP_FACTOR` × the median (a gap, e.g. a missing
   slice), spacings that vary by more than :data:`SPACING_VARIATION` × the median, or a
   slice further than that fraction of a spacing from the uniform grid the affine assumes;
@@ -98,6 +99,10 @@ ALIGNMENT_TOLERANCE = 0.25
 
 GANTRY_TILT_TOLERANCE_DEG = 0.01
 """|GantryDetectorTilt| above this is a tilted acquisition."""
+
+MAX_VOXELS = 1 << 30
+"""Largest volume decoded (4 GiB as float32): a header claiming more is refused before the
+array is allocated, whatever the files really hold."""
 
 LOCALIZER_TYPES = frozenset({"LOCALIZER"})
 """ImageType/FrameType value 3 that marks a scout/localizer."""
@@ -447,6 +452,16 @@ def _check_consistent(refs: Sequence[SliceRef], where: str) -> None:
             )
 
 
+def _check_size(count: int, rows: int, columns: int, where: str) -> None:
+    voxels = count * rows * columns
+    if voxels > MAX_VOXELS:
+        raise VolumeError(
+            f"{where}: {count} slice(s) of {rows}x{columns} are {voxels} voxels "
+            f"({voxels * 4 / 2**30:.1f} GiB as float32), above the limit of {MAX_VOXELS}; "
+            "refusing to decode"
+        )
+
+
 def _dominant_axis(vector: np.ndarray) -> int:
     return int(np.argmax(np.abs(vector)))
 
@@ -556,6 +571,7 @@ def plan_volume(refs: Sequence[SliceRef], series_uid: str, *, min_slices: int = 
         )
     _check_present(kept, where)
     _check_consistent(kept, where)
+    _check_size(len(kept), kept[0].rows, kept[0].columns, where)
     directions = _directions(kept[0].orientation)
     if directions is None:
         raise VolumeError(
@@ -762,6 +778,7 @@ def load_volume(plan: VolumePlan) -> Volume:
     """
     where = f"series {plan.series_uid}"
     layout = _layout(plan)
+    _check_size(len(plan.slices), plan.slices[0].rows, plan.slices[0].columns, where)
     array = np.empty(layout.shape, dtype=np.float32)
     flipped = array[tuple(slice(None, None, -1) if f else slice(None) for f in layout.flip)]
     stack = flipped.transpose(tuple(int(a) for a in np.argsort(layout.perm)))

@@ -20,6 +20,7 @@ lease never records two outcomes.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,12 +34,13 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacsnode import eventlog, queue
+from pacsnode import eventlog, findings, queue
 from pacsnode.config import Config
 from pacsnode.db import utcnow
 from pacsnode.errors import InputError
 from pacsnode.manifest import Manifest
 from pacsnode.measurements import measure
+from pacsnode.metrics import Metrics
 from pacsnode.models import Model, load_model
 from pacsnode.models.base import (
     ImageClassifier,
@@ -93,16 +95,20 @@ class Worker:
         config: Config,
         sessions: sessionmaker[Session],
         worker_id: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.sessions = sessions
         self.worker_id = worker_id or queue.worker_identity()
+        self.metrics = metrics or Metrics()
         self.models: dict[str, Model] = {}
 
     def initialize(self) -> None:
         device = resolve_device(self.config.models.device)
         for name in self.config.models.enabled:
+            started = time.monotonic()
             self.models[name] = load_model(self.config.models.dir / name, device)
+            self.metrics.model_loaded(name, time.monotonic() - started)
             m = self.models[name].manifest
             log.info("model %s %s loaded on %s", m.name, m.version, device)
         with self.sessions.begin() as session:
@@ -120,16 +126,28 @@ class Worker:
                     self._run_volume(model, ticket)
                     finished += 1
                 continue
-            tickets = self._claim(name, model.manifest.batch_size, now or utcnow())
+            tickets = self._claim(name, 1, now or utcnow())
+            if tickets and tickets[0].attempts == 1 and model.manifest.batch_size > 1:
+                # a job tried before runs alone: if it kills the worker, only it is charged
+                more = model.manifest.batch_size - 1
+                tickets += self._claim(name, more, now or utcnow(), first_attempts_only=True)
             if tickets:
                 self._run_batch(model, tickets)
                 finished += len(tickets)
         return finished
 
-    def _claim(self, model_name: str, limit: int, now: datetime) -> list[Ticket]:
+    def _claim(
+        self, model_name: str, limit: int, now: datetime, first_attempts_only: bool = False
+    ) -> list[Ticket]:
         with self.sessions.begin() as session:
             jobs = queue.claim(
-                session, [model_name], self.worker_id, now, self.config.queue, limit=limit
+                session,
+                [model_name],
+                self.worker_id,
+                now,
+                self.config.queue,
+                limit=limit,
+                first_attempts_only=first_attempts_only,
             )
             tickets = []
             for job in jobs:
@@ -153,6 +171,8 @@ class Worker:
         inputs: dict[Ticket, list[Dataset]] = {}
         for ticket in tickets:
             try:
+                if not ticket.paths:  # moved away between routing and claim
+                    raise InputError(f"series {ticket.series_uid}: no instances left")
                 inputs[ticket] = [_read_instance(p) for p in ticket.paths]
             except InputError as exc:
                 self._fail(ticket, str(exc), permanent=True)
@@ -273,6 +293,8 @@ class Worker:
         return outputs
 
     def _succeed(self, ticket: Ticket, outputs: Sequence[ResultFile]) -> None:
+        manifests = [model.manifest for model in self.models.values()]
+        verdicts = findings.from_outputs(ticket.series_uid, outputs, manifests)
         now = utcnow()
         with self.sessions.begin() as session:
             job = queue.still_owned(session, ticket.job_id, self.worker_id, ticket.attempts)
@@ -283,7 +305,9 @@ class Worker:
                 output = _upsert_output(session, job, result, now)
                 for dest in self.config.destinations:
                     _schedule_delivery(session, output, dest.name, now)
+            findings.record(session, job.id, verdicts, now)
             queue.transition(session, job, queue.JobState.SUCCEEDED, now)
+            self.metrics.job_succeeded(job)
 
     def _fail(self, ticket: Ticket, error: str, *, permanent: bool) -> None:
         now = utcnow()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,7 +39,11 @@ class NodeProcess:
         allowed_calling_aets: Sequence[str] = (),
         components: str | None = None,
         extra_toml: str = "",
+        node_toml: str = "",
+        probe_args: Sequence[str] = (),
     ) -> None:
+        """``node_toml``: more ``[node]`` keys (limits, timeouts); ``probe_args``: extra
+        echoscu arguments for the start-up probe (``+tls key cert ...`` on a TLS node)."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
@@ -55,6 +60,7 @@ class NodeProcess:
             f'host = "{LOOPBACK}"',
             f"port = {self.port}",
             f"allowed_calling_aets = {_toml_value(list(allowed_calling_aets))}",
+            node_toml,
             "[storage]",
             f"spool_dir = {_toml_value(self.spool_dir)}",
             f"output_dir = {_toml_value(self.output_dir)}",
@@ -63,6 +69,8 @@ class NodeProcess:
             f"dir = {_toml_value(MODELS_DIR)}",
             f"enabled = {_toml_value(list(enabled))}",
             'device = "cpu"',
+            "[metrics]",
+            "port = 0",  # any free port, logged: test nodes never collide (metrics_url)
         ]
         for name, aet, port in destinations:
             lines += [
@@ -74,6 +82,7 @@ class NodeProcess:
             ]
         self.config_path.write_text("\n".join(lines) + "\n" + extra_toml, encoding="utf-8")
         self.probe_aet = allowed_calling_aets[0] if allowed_calling_aets else "TESTSCU"
+        self.probe_args = tuple(probe_args)
         self.proc: subprocess.Popen[bytes] | None = None
         self._sessions: sessionmaker[Session] | None = None
 
@@ -101,6 +110,7 @@ class NodeProcess:
                     called_aet=self.ae_title,
                     calling_aet=self.probe_aet,
                     timeout=5,
+                    extra_args=self.probe_args,
                 ).returncode
                 == 0
             ):
@@ -145,6 +155,12 @@ class NodeProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def metrics_url(self) -> str:
+        """The /metrics address the node logged at start (its port is ephemeral)."""
+        found = re.findall(r"metrics on (http://\S+?:\d+/metrics)", self.log())
+        assert found, f"no metrics endpoint in the log:\n{self.log()[-2000:]}"
+        return str(found[-1])
 
     def wait_until(self, predicate: Any, timeout: float = 120, what: str = "condition") -> Any:
         deadline = time.monotonic() + timeout

@@ -118,8 +118,12 @@ def echoscu(
     called_aet: str,
     calling_aet: str = "TESTSCU",
     timeout: float = 10,
+    extra_args: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``echoscu -v``; ``returncode == 0`` means the C-ECHO succeeded."""
+    """Run ``echoscu -v``; ``returncode == 0`` means the C-ECHO succeeded.
+
+    ``extra_args`` go before the host, e.g. :func:`dcmtk_tls_args`.
+    """
     cmd = [
         _which("echoscu"),
         "-v",
@@ -129,6 +133,7 @@ def echoscu(
         called_aet,
         "-to",
         str(int(timeout)),
+        *extra_args,
         host,
         str(port),
     ]
@@ -172,6 +177,13 @@ def storescu(
     return subprocess.run(
         cmd, capture_output=True, text=True, env=dcmtk_env(), timeout=timeout + 30, check=False
     )
+
+
+def dcmtk_tls_args(ca: Path, key: Path | None = None, certificate: Path | None = None) -> list[str]:
+    """dcmtk options for DICOM TLS: verify the node against ``ca``; present ``certificate``
+    (with its unencrypted ``key``) or, without one, connect as an anonymous TLS client."""
+    identity = ["+tls", str(key), str(certificate), "-pw"] if key and certificate else ["+tla"]
+    return [*identity, "+cf", str(ca)]
 
 
 _DIMSE_STATUS = re.compile(r"DIMSE Status\s*:\s*0x([0-9a-fA-F]{4})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import highdicom as hd
@@ -210,6 +211,7 @@ def test_destination_down_backs_off_dies_and_requeue_delivers(
         assert status["deliveries"] == {"dead": 1}
         assert status["jobs"] == {"succeeded": 1}
         assert any("gave up after 3 attempts" in e["message"] for e in status["last_errors"])
+        assert re.search(r"deliveries dead\s*│\s*1\b", node.cli("status").stdout)  # for people
 
         orthanc.start()
         assert "1 deliveries" in node.cli("requeue", "--failed").stdout
@@ -218,6 +220,7 @@ def test_destination_down_backs_off_dies_and_requeue_delivers(
             lambda: (d := delivery()) is not None and d.state is DeliveryState.DELIVERED,
             what="delivered after requeue",
         )
+        assert node.cli_json("status")["deliveries"] == {"delivered": 1}
     finally:
         node.stop()
 

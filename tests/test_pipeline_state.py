@@ -80,6 +80,22 @@ def test_radiograph_completes_at_once_ct_after_quiet_period(
         assert completion.next_due(s, cfg, T0 + timedelta(seconds=12)) is None
 
 
+def test_instance_stored_while_intake_takes_its_clock_does_not_complete_twice(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Intake takes ``now``, then reads: a radiograph stored in between has a receive time
+    after ``now``. It is part of the completed series, not a late instance, so the next
+    round must not complete it again (which would requeue a job already running)."""
+    cfg = CompletionConfig()
+    with sessions.begin() as s:
+        receive(s, "DX", "1.1", "1.1.1", T0 + timedelta(milliseconds=3))
+    with sessions.begin() as s:
+        assert [x.series_uid for x in completion.complete_due_series(s, cfg, T0)] == ["1.1"]
+    with sessions.begin() as s:
+        assert completion.complete_due_series(s, cfg, T0 + timedelta(seconds=1)) == []
+        assert completion.next_due(s, cfg, T0 + timedelta(seconds=1)) is None
+
+
 def test_hard_upper_wait_completes_a_trickling_series(sessions: sessionmaker[Session]) -> None:
     cfg = CompletionConfig(series_max_wait_seconds=30)
     with sessions.begin() as s:
