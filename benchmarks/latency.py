@@ -217,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument(
         "--heatmaps", choices=("sc", "none"), default="sc", help="[outputs] heatmaps of the node"
     )
+    parser.add_argument(
+        "--associations", type=int, default=3, help="[dispatch] associations of the node"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pacsnode-bench-") as tmp:
         work = Path(tmp)
@@ -229,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> str:
             node = NodeProcess(
                 work / "node",
                 destinations=[("pacs", orthanc.aet, orthanc.dicom_port)],
-                extra_toml=f"[outputs]\nheatmaps = {outputs}\n",
+                extra_toml=f"[outputs]\nheatmaps = {outputs}\n"
+                f"[dispatch]\nassociations = {args.associations}\n",
             )
             if args.device != "cpu":
                 text = node.config_path.read_text().replace(
@@ -258,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     line = (
         f"CXR time to result: p50 {percentile(times, 50):.2f} s, "
         f"p95 {percentile(times, 95):.2f} s (n={len(times)}, {args.size}x{args.size}, "
-        f"{args.device}, heatmaps {args.heatmaps}: {sum(counts) - len(counts)} SCs, first result "
+        f"{args.device}, heatmaps {args.heatmaps}: {sum(counts) - len(counts)} SCs, "
+        f"{args.associations} associations, first result "
         f"p95 {percentile(firsts, 95):.2f} s; other nodes start inference after 5-60 s)"
     )
     if args.ct_runs <= 0:

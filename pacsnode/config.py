@@ -187,6 +187,9 @@ class DispatchConfig(RetryPolicy):
     max_attempts: int = Field(10, ge=1)
     lease_seconds: float = Field(120.0, gt=0)
     timeout_seconds: float = Field(30.0, gt=0)
+    associations: int = Field(3, ge=1, le=16)
+    """Concurrent associations per destination when several results are due at once (a
+    radiograph's SR and heatmaps): the PACS stores them in parallel. 1: one at a time."""
 
 
 class ModelsConfig(_Section):
