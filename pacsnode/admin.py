@@ -117,6 +117,8 @@ def requeue(
             delivery.attempts = 0
             delivery.not_before = now
             delivery.updated_at = now
+            delivery.worker_id = None
+            delivery.lease_until = None  # last_error stays: the event log keeps the history
             eventlog.record(
                 session,
                 "delivery-requeued",
