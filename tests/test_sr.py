@@ -18,6 +18,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from pacsnode.errors import InvalidDatasetError
 from pacsnode.manifest import CodeSpec, Manifest
 from pacsnode.models.base import ImageResult
 from pacsnode.uids import derive_uid
@@ -332,4 +333,30 @@ def test_results_must_match_sources(sources: list[Dataset]) -> None:
             results_for([*sources, other_series], [*PROBABILITIES, PROBABILITIES[0]]),
             manifest,
             now=NOW,
+        )
+
+
+def test_a_source_without_type2_patient_and_study_attributes_still_gets_a_valid_sr(
+    tmp_path: Path,
+) -> None:
+    """Some modalities leave out Type 2 attributes (birth date, accession...): tolerant when
+    reading, the SR carries them empty instead of the job failing; the UIDs stay required."""
+    sources = [dx_image(1), dx_image(2)]
+    lacking = ("PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "StudyTime")
+    for ds in sources:
+        for keyword in lacking:
+            delattr(ds, keyword)
+    sr = build_measurement_report(
+        sources, results_for(sources, PROBABILITIES), make_manifest(), now=NOW
+    )
+    path = save(sr, tmp_path / "sr.dcm")
+    assert_valid(path)
+    back = pydicom.dcmread(path)
+    assert all(back[keyword].value in ("", None) for keyword in lacking)
+    assert (back.PatientID, str(back.PatientName)) == ("PID-0042", "Müller^Jürgen")
+    broken = dx_image(3)
+    del broken.StudyInstanceUID
+    with pytest.raises(InvalidDatasetError, match="missing StudyInstanceUID"):
+        build_measurement_report(
+            [broken], results_for([broken], PROBABILITIES[:1]), make_manifest(), now=NOW
         )

@@ -102,6 +102,7 @@ declared in the Coding Scheme Identification Sequence of the documents that use 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -122,6 +123,8 @@ from pacsnode.manifest import LabelSpec, Manifest
 from pacsnode.measurements import SegmentMeasurement
 from pacsnode.models.base import ImageResult, SegmentationResult, SeriesResult, SliceScore
 from pacsnode.uids import derive_uid
+
+log = logging.getLogger(__name__)
 
 PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
 """Default "Procedure Reported" (CID 100 is extensible; it has no chest radiograph entry)."""
@@ -195,6 +198,8 @@ _REQUIRED_SOURCE_ATTRIBUTES = (
     "SOPInstanceUID",
     "StudyInstanceUID",
     "SeriesInstanceUID",
+)
+_TYPE2_SOURCE_ATTRIBUTES = (
     "PatientID",
     "PatientName",
     "PatientBirthDate",
@@ -204,6 +209,8 @@ _REQUIRED_SOURCE_ATTRIBUTES = (
     "AccessionNumber",
     "StudyID",
 )
+"""Type 2 in the source's Patient and General Study modules: present, possibly empty. Some
+modalities leave them out; the results then carry them empty, as the standard allows."""
 
 _HIGHDICOM_STAND_ALONE = frozenset(
     v.value for v in SpecificCharacterSetValues if not v.value.startswith("ISO 2022")
@@ -266,8 +273,9 @@ def device_observer_context(manifest: Manifest) -> hd.sr.ObserverContext:
 
 
 def check_sources(sources: Sequence[Dataset], document: str) -> Dataset:
-    """Return the first source after checking all are of one series and it carries what
-    the ``document`` ("SR", "KOS") copies from it."""
+    """Return the first source after checking all are of one series and it carries the UIDs
+    the ``document`` ("SR", "KOS") copies from it; Type 2 patient and study attributes a
+    non-conformant source leaves out are added to the in-memory sources, empty."""
     first = sources[0]
     missing = [kw for kw in _REQUIRED_SOURCE_ATTRIBUTES if kw not in first]
     if missing:
@@ -275,6 +283,18 @@ def check_sources(sources: Sequence[Dataset], document: str) -> Dataset:
             f"instance {first.get('SOPInstanceUID', '?')}: missing {', '.join(missing)}; "
             f"cannot carry patient and study into the {document}"
         )
+    absent = [kw for kw in _TYPE2_SOURCE_ATTRIBUTES if kw not in first]
+    if absent:  # tolerant when reading: the in-memory source gets them empty
+        log.warning(
+            "series %s: source lacks Type 2 %s; the %s carries them empty",
+            first.SeriesInstanceUID,
+            ", ".join(absent),
+            document,
+        )
+        for ds in sources:
+            for keyword in _TYPE2_SOURCE_ATTRIBUTES:
+                if keyword not in ds:
+                    setattr(ds, keyword, "")
     series_uid = str(first.SeriesInstanceUID)
     for ds in sources[1:]:
         if ds.get("SeriesInstanceUID") != series_uid:
