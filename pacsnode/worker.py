@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacsnode import eventlog, findings, queue
 from pacsnode.config import Config
 from pacsnode.db import utcnow
-from pacsnode.errors import InputError
+from pacsnode.errors import InputError, InvalidDatasetError
 from pacsnode.manifest import Manifest
 from pacsnode.measurements import measure
 from pacsnode.metrics import Metrics
@@ -198,7 +198,15 @@ class Worker:
                     except InputError as exc:
                         self._fail(ticket, str(exc), permanent=True)
             for ticket, ticket_results in by_ticket.items():
-                outputs = self._write_sr(model, inputs[ticket], ticket_results, ticket)
+                try:
+                    outputs = self._write_sr(model, inputs[ticket], ticket_results, ticket)
+                except (InputError, InvalidDatasetError) as exc:  # this job's sources
+                    self._fail(ticket, str(exc), permanent=True)
+                    continue
+                except Exception as exc:  # a job's boundary: its writer must not fail the batch
+                    log.exception("job %d: writing its results failed", ticket.job_id)
+                    self._fail(ticket, f"{type(exc).__name__}: {exc}", permanent=False)
+                    continue
                 self._succeed(ticket, outputs)
         except Exception as exc:  # the worker's main loop: one bad batch must not stop the node
             log.exception("batch of %d jobs failed", len(tickets))
