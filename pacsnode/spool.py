@@ -37,7 +37,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _make_dirs(folder: Path) -> None:
-    """Create ``folder`` and its parents, fsyncing each new entry's parent."""
+    """Create ``folder`` and its parents (0700: they hold patient data), fsyncing each new
+    entry's parent."""
     missing: list[Path] = []
     probe = folder
     while not probe.exists():
@@ -45,7 +46,7 @@ def _make_dirs(folder: Path) -> None:
         probe = probe.parent
     for new in reversed(missing):
         with contextlib.suppress(FileExistsError):
-            new.mkdir()
+            new.mkdir(mode=0o700)
         _fsync_dir(new.parent)
 
 
@@ -58,7 +59,7 @@ def write_durably(final: Path, data: bytes | memoryview) -> None:
     tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
     try:
         _make_dirs(final.parent)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             view = memoryview(data)
             while view:
@@ -94,7 +95,7 @@ class IncomingFile:
         try:
             if not folder.exists():
                 _make_dirs(folder)
-            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             raise SpoolError(f"cannot create a file in {folder}: {exc.strerror or exc}") from exc
 

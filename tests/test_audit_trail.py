@@ -86,6 +86,12 @@ def test_spool_and_database_are_private(pipeline: Pipeline) -> None:
     assert stat.S_IMODE(node.spool_dir.stat().st_mode) == 0o700
     for path in [node.db_path, *node.db_path.parent.glob(f"{node.db_path.name}-*")]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    # the received instance, our results and every folder on the way hold patient data too
+    tree = [p for root in (node.spool_dir, node.output_dir) for p in root.rglob("*")]
+    assert any(p.is_file() for p in tree) and node.output_dir.is_dir()
+    for path in [node.output_dir, *tree]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), (path, oct(mode))
 
 
 def test_events_show_associations_job_states_and_deliveries(pipeline: Pipeline) -> None:
