@@ -552,7 +552,7 @@ def test_findings_are_read_back_from_the_sr_the_worker_wrote(tmp_path: Path) -> 
 
 def test_a_real_worker_run_records_one_finding_per_reported_label(tmp_path: Path) -> None:
     """The worker hunk: the chest X-ray model's SR is read back into ``findings``."""
-    from test_heatmaps import run_worker
+    from inprocess import run_worker
 
     from pacsnode.manifest import load_manifest
     from pacsnode.phantoms.cxr import make_cxr_dataset

@@ -17,6 +17,7 @@ import highdicom as hd
 import numpy as np
 import pytest
 import torch
+from inprocess import run_worker
 from nodeproc import MODELS_DIR, REPO, NodeProcess
 from peers import LOOPBACK, Orthanc, combined_output, dciodvfy, parse_store_statuses, storescu
 from PIL import Image
@@ -25,17 +26,12 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from pacsnode.config import HeatmapEncoding, parse_config
-from pacsnode.db import make_engine, make_sessionmaker, upgrade
 from pacsnode.errors import ConfigError
-from pacsnode.manifest import load_enabled
 from pacsnode.models.base import ImageResult, heatmap_on_source
 from pacsnode.models.cxr import ChexNetClassifier, preprocess
 from pacsnode.phantoms.cxr import finding_regions, make_cxr_dataset
 from pacsnode.pixels import to_display_array
-from pacsnode.receiver import InstanceHeader, record_instance
-from pacsnode.service import Intake
 from pacsnode.tables import DeliveryState, Output
-from pacsnode.worker import Worker
 from pacsnode.writers.heatmap import (
     DISCLAIMER,
     build_heatmap_images,
@@ -457,45 +453,6 @@ def test_outputs_switch_defaults_to_sc_and_refuses_pm() -> None:
     assert parse_config("[outputs]\nheatmaps = []\n").outputs.heatmaps == []
     with pytest.raises(ConfigError, match="frame of reference"):
         parse_config('[outputs]\nheatmaps = ["pm"]\n')
-
-
-def run_worker(tmp_path: Path, ds: Dataset, heatmaps: str) -> list[Output]:
-    """Receive ``ds`` into a fresh node database and run intake and the worker in process."""
-    root = tmp_path / (heatmaps.strip('[]"') or "none")
-    spool = root / "spool"
-    spool.mkdir(parents=True)
-    config = parse_config(
-        f'[storage]\nspool_dir = "{spool}"\noutput_dir = "{root / "outputs"}"\n'
-        f'database_url = "sqlite:///{root / "db.sqlite"}"\n'
-        f'[models]\ndir = "{MODELS_DIR}"\nenabled = ["cxr-chexnet"]\ndevice = "cpu"\n'
-        f"[outputs]\nheatmaps = {heatmaps}\n"
-    )
-    engine = make_engine(config.storage.database_url)
-    upgrade(engine)
-    sessions = make_sessionmaker(engine)
-    path = spool / "cxr.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    header = InstanceHeader(
-        str(ds.SOPClassUID),
-        str(ds.SOPInstanceUID),
-        str(ds.StudyInstanceUID),
-        str(ds.SeriesInstanceUID),
-        str(ds.Modality),
-        str(ds.ViewPosition),
-        str(ds.file_meta.TransferSyntaxUID),
-    )
-    with sessions.begin() as session:
-        record_instance(session, header, path, path.stat().st_size, "TEST", NOW)
-    manifests = load_enabled(config.models.dir, config.models.enabled)
-    assert Intake(config, sessions, manifests).loop() == 1
-    worker = Worker(config, sessions)
-    worker.initialize()
-    assert worker.loop() == 1
-    worker.shutdown()
-    with sessions() as session:
-        outputs = list(session.scalars(select(Output).order_by(Output.id)))
-        session.expunge_all()
-    return outputs
 
 
 def test_worker_writes_heatmaps_before_the_sr_and_can_be_switched_off(tmp_path: Path) -> None:

@@ -19,9 +19,7 @@ from pathlib import Path
 from dicomgen import CT_IMAGE, image_dataset, save
 from nodeproc import NodeProcess
 from peers import LOOPBACK, combined_output, echoscu, parse_store_statuses, storescu
-from pynetdicom import pdu_primitives
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.presentation import build_context
+from rawpdu import associate_rq
 from sqlalchemy import func, select
 
 from pacsnode.tables import AssociationLog
@@ -60,28 +58,12 @@ def _p_data(*pdvs: bytes, length: int | None = None) -> bytes:
     return _pdu(0x04, b"".join(pdvs), length)
 
 
-def associate_rq(called: str = "PACSNODE", calling: str = "FUZZ") -> bytes:
-    primitive = pdu_primitives.A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = calling
-    primitive.called_ae_title = called
-    contexts = []
-    for context_id, uid in ((1, VERIFICATION), (3, CT_IMAGE)):
-        context = build_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-        context.context_id = context_id
-        contexts.append(context)
-    primitive.presentation_context_definition_list = contexts
-    max_length = pdu_primitives.MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    implementation = pdu_primitives.ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.9999"
-    primitive.user_information = [max_length, implementation]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return bytes(pdu.encode())
-
-
-RQ = associate_rq()
+RQ = associate_rq(
+    "PACSNODE",
+    "FUZZ",
+    ((1, VERIFICATION), (3, CT_IMAGE)),
+    ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"],
+)
 
 
 def _element(elem: int, value: bytes, length: int | None = None) -> bytes:

@@ -23,13 +23,12 @@ from peers import (
     storescu,
 )
 from pynetdicom import pdu_primitives
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.presentation import build_context
+from pynetdicom.pdu import A_ASSOCIATE_AC
+from rawpdu import associate_rq, read_pdu
 from sqlalchemy import select
 from tlscerts import Pki
 
 from pacsnode.tables import AssociationLog
-from pacsnode.upperlayer import VERIFICATION
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 RELEASE_RQ = bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0])
@@ -96,35 +95,6 @@ def mtls_node(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[No
 
 
 # -- raw upper-layer helpers --------------------------------------------------------------
-
-
-def associate_rq(called: str, calling: str, sop_class: str = VERIFICATION) -> bytes:
-    primitive = pdu_primitives.A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = calling
-    primitive.called_ae_title = called
-    context = build_context(sop_class)
-    context.context_id = 1
-    primitive.presentation_context_definition_list = [context]
-    max_length = pdu_primitives.MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    implementation = pdu_primitives.ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.9999"
-    primitive.user_information = [max_length, implementation]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return bytes(pdu.encode())
-
-
-def read_pdu(sock: socket.socket) -> bytes:
-    """One whole PDU, or b"" when the connection closes first."""
-    data = b""
-    while len(data) < 6 or len(data) < 6 + int.from_bytes(data[2:6], "big"):
-        chunk = sock.recv(65536)
-        if not chunk:
-            return b""
-        data += chunk
-    return data
 
 
 def connect(node: NodeProcess, source: str = LOOPBACK) -> socket.socket:

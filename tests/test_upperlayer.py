@@ -25,12 +25,12 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, pdu_primitives
+from pynetdicom import AE
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode, encode
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.presentation import build_context
+from pynetdicom.pdu import A_ASSOCIATE_AC
+from rawpdu import associate_rq, read_pdu
 from sqlalchemy import func, select
 
 from pacsnode.receiver import part10_prefix
@@ -218,35 +218,6 @@ def test_invalid_request_instance_uid_is_refused(node: NodeProcess) -> None:
 # -- protocol abuse ------------------------------------------------------------------------
 
 
-def _associate_rq(called: str) -> bytes:
-    primitive = pdu_primitives.A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = "RAWSCU"
-    primitive.called_ae_title = called
-    context = build_context(VERIFICATION)
-    context.context_id = 1
-    primitive.presentation_context_definition_list = [context]
-    max_length = pdu_primitives.MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    implementation = pdu_primitives.ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = "1.2.826.0.1.3680043.9.9999"
-    primitive.user_information = [max_length, implementation]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return bytes(pdu.encode())
-
-
-def _read_pdu(sock: socket.socket) -> bytes:
-    """One whole PDU, or b"" when the node closes the connection first."""
-    data = b""
-    while len(data) < 6 or len(data) < 6 + int.from_bytes(data[2:6], "big"):
-        chunk = sock.recv(65536)
-        if not chunk:
-            return b""
-        data += chunk
-    return data
-
-
 def _p_data(pdv_length: int, context_id: int, value: bytes) -> bytes:
     pdv = struct.pack(">IBB", pdv_length, context_id, 0x03) + value
     return struct.pack(">BxI", 0x04, len(pdv)) + pdv
@@ -269,18 +240,18 @@ def test_protocol_abuse_is_aborted_and_node_keeps_serving(
     associate_first, payload, reason = ABUSE[case]
     with socket.create_connection((LOOPBACK, node.port), timeout=10) as sock:
         if associate_first:
-            sock.sendall(_associate_rq(node.ae_title))
-            accept = _read_pdu(sock)
+            sock.sendall(associate_rq(node.ae_title))
+            accept = read_pdu(sock)
             assert accept[:1] == b"\x02"
             ac = A_ASSOCIATE_AC()
             ac.decode(accept)
             results = ac.to_primitive().presentation_context_definition_results_list
             assert [(cx.context_id, cx.result) for cx in results] == [(1, 0)]
-        sock.sendall(payload if payload is not None else _associate_rq(node.ae_title))
-        abort = _read_pdu(sock)
+        sock.sendall(payload if payload is not None else associate_rq(node.ae_title))
+        abort = read_pdu(sock)
         assert abort[:9] == bytes.fromhex("070000000004000002")  # A-ABORT from the provider
         assert reason is None or abort[9] == reason
-        assert _read_pdu(sock) == b""  # and the node closed the connection
+        assert read_pdu(sock) == b""  # and the node closed the connection
     assert echoscu(LOOPBACK, node.port, called_aet=node.ae_title).returncode == 0
     assert _store(node, [save(image_dataset(), tmp_path / "after.dcm")]) == [0x0000]
 
