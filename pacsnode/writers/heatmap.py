@@ -55,10 +55,9 @@ from pacsnode.pixels import to_display_array
 from pacsnode.uids import derive_uid
 from pacsnode.writers.sr import (
     LONG_STRING_MAX,
-    MANUFACTURER,
     check_sources,
     document_character_set,
-    software_versions,
+    document_provenance,
 )
 
 SERIES_NUMBER = 7010
@@ -299,18 +298,12 @@ def _sc_image(
         series_number=series_number,
         sop_instance_uid=sop_uid,
         instance_number=instance_number,
-        manufacturer=MANUFACTURER,
+        **document_provenance(manifest, now),
         # highdicom annotates the spacing as ints; it writes them as DS
         pixel_spacing=cast("tuple[int, int] | None", _pixel_spacing(source)),
         patient_orientation=patient_orientation(source),
         transfer_syntax_uid=JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian,
         series_description=description,
-        manufacturer_model_name=manifest.name[:LONG_STRING_MAX],
-        software_versions=software_versions(manifest),
-        content_date=now.date(),
-        content_time=now.time(),
-        series_date=now.date(),
-        series_time=now.time(),
         specific_character_set=document_character_set(
             source, manifest, [description, derivation, meaning]
         ),

@@ -39,16 +39,14 @@ from pacsnode.manifest import LabelSpec, Manifest
 from pacsnode.models.base import SeriesResult
 from pacsnode.writers.sr import (
     DEMO_DISCLAIMER,
-    LONG_STRING_MAX,
-    MANUFACTURER,
     ScoredSlice,
     check_sources,
     device_observer_context,
     document_character_set,
+    document_provenance,
     match_slices,
     result_uids,
     series_description,
-    software_versions,
 )
 
 DOCUMENT_TITLE: Code = codes.cid7010.OfInterest
@@ -128,14 +126,8 @@ def build_key_images(
         series_number=series_number,
         sop_instance_uid=instance_uid,
         instance_number=1,
-        manufacturer=MANUFACTURER,
+        **document_provenance(manifest, now),
         series_description=series_description(manifest, "key images"),
-        manufacturer_model_name=manifest.name[:LONG_STRING_MAX],
-        software_versions=software_versions(manifest),
-        content_date=now.date(),
-        content_time=now.time(),
-        series_date=now.date(),
-        series_time=now.time(),
         specific_character_set=document_character_set(
             first, manifest, [description, DOCUMENT_TITLE.meaning]
         ),

@@ -48,13 +48,12 @@ from pacsnode.uids import derive_uid
 from pacsnode.volumes import SliceRef
 from pacsnode.writers.sr import (
     LONG_STRING_MAX,
-    MANUFACTURER,
     _coding_schemes,
     check_sources,
     document_character_set,
+    document_provenance,
     result_uids,
     series_description,
-    software_versions,
 )
 
 CODE_STRING_MAX = 16
@@ -181,9 +180,7 @@ def build_segmentation(
             series_number=series_number,
             sop_instance_uid=instance_uid,
             instance_number=1,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=manifest.name[:LONG_STRING_MAX],
-            software_versions=software_versions(manifest),
+            **document_provenance(manifest, now),
             device_serial_number=manifest.weights.sha256[:LONG_STRING_MAX],  # which weights
             transfer_syntax_uid=ExplicitVRLittleEndian,
             plane_positions=[_plane_position(refs[int(m)]) for m in occupied],
@@ -191,10 +188,6 @@ def build_segmentation(
             content_label=content_label(manifest),
             content_description=description,
             series_description=description,
-            content_date=now.date(),
-            content_time=now.time(),
-            series_date=now.date(),
-            series_time=now.time(),
             specific_character_set=document_character_set(
                 first, manifest, [description, *(c.meaning for c in used)]
             ),

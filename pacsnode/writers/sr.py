@@ -107,7 +107,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -253,6 +253,20 @@ def series_description(manifest: Manifest, what: str = "") -> str:
 def software_versions(manifest: Manifest) -> str:
     """SoftwareVersions of a result document: pacsnode's and the model's."""
     return f"pacsnode {__version__}; {manifest.name} {manifest.version}"[:LONG_STRING_MAX]
+
+
+def document_provenance(manifest: Manifest, now: datetime) -> dict[str, Any]:
+    """The constructor arguments every result object (SR, SEG, KOS, SC) shares: who made it
+    (pacsnode and the model, by name and version) and when."""
+    return {
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": manifest.name[:LONG_STRING_MAX],
+        "software_versions": software_versions(manifest),
+        "content_date": now.date(),
+        "content_time": now.time(),
+        "series_date": now.date(),
+        "series_time": now.time(),
+    }
 
 
 def device_observer_context(manifest: Manifest) -> hd.sr.ObserverContext:
@@ -946,17 +960,11 @@ def _enhanced_sr(
         series_number=series_number,
         sop_instance_uid=sr_instance_uid,
         instance_number=1,
-        manufacturer=MANUFACTURER,
+        **document_provenance(manifest, now),
         is_complete=True,
         is_final=False,
         is_verified=False,
         series_description=series_description(manifest),
-        manufacturer_model_name=manifest.name[:LONG_STRING_MAX],
-        software_versions=software_versions(manifest),
-        content_date=now.date(),
-        content_time=now.time(),
-        series_date=now.date(),
-        series_time=now.time(),
         specific_character_set=document_character_set(first, manifest, [c.meaning for c in used]),
         coding_schemes=_coding_schemes(used),
     )
