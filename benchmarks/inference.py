@@ -23,7 +23,7 @@ from common import REPO, median
 from pydicom import dcmread
 from sqlalchemy import select
 
-from pacsnode import queue
+from pacsnode import admin
 from pacsnode.config import parse_config
 from pacsnode.db import make_engine, make_sessionmaker, upgrade, utcnow
 from pacsnode.manifest import load_enabled
@@ -101,7 +101,7 @@ def worker_pass(worker: Worker, images: int) -> float:
         states = {job.state for job in jobs}
         if states != {JobState.SUCCEEDED}:
             raise RuntimeError(f"jobs ended in {states}")
-        queue.requeue(session, jobs, utcnow())
+        admin.requeue(session, jobs, utcnow())
     return elapsed
 
 

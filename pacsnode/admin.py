@@ -9,7 +9,7 @@ and so leaves its event in the audit trail. What cannot be done is an
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -95,12 +95,20 @@ class Requeued:
 
 
 def requeue(
-    session: Session, jobs: Sequence[Job], now: datetime, *, deliveries: bool = False
+    session: Session,
+    jobs: Sequence[Job],
+    now: datetime,
+    *,
+    deliveries: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Requeued:
     """Queue ``jobs`` again (not those queued or running, nor a series whose instances are gone),
-    and with ``deliveries`` every failed or dead delivery too."""
+    and with ``deliveries`` every failed or dead delivery too; ``progress(done, total)`` is
+    called after each job (the CLI's progress bar)."""
     done, skipped = [], {}
-    for job in jobs:
+    for count, job in enumerate(jobs, 1):
+        if progress is not None:
+            progress(count, len(jobs))
         if job.state in (JobState.QUEUED, JobState.RUNNING):
             skipped[job.id] = f"already {job.state.value}"
         elif not _has_instances(session, job.series_id):

@@ -464,13 +464,8 @@ def requeue(
             if not selected:
                 sys.exit(1)
             return
-        done = admin.Requeued([], {}, 0)
-        for chunk in _progress(_chunks(selected, 200), len(selected), as_json, "requeueing"):
-            part = admin.requeue(s, chunk, now)
-            done = admin.Requeued(done.jobs + part.jobs, done.skipped | part.skipped, 0)
-        if failed:
-            revived = admin.requeue(s, [], now, deliveries=True).deliveries
-            done = admin.Requeued(done.jobs, done.skipped, revived)
+        with _progress_bar(as_json or len(selected) < 500, "requeueing") as progress:
+            done = admin.requeue(s, selected, now, deliveries=failed, progress=progress)
     report = {"requeued": done.jobs, "skipped": done.skipped, "deliveries": done.deliveries}
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -495,10 +490,6 @@ def _job_row(job: Job) -> dict[str, Any]:
     }
 
 
-def _chunks(items: list[Job], size: int) -> list[list[Job]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
 @contextmanager
 def _progress_bar(quiet: bool, what: str) -> Iterator[Callable[[int, int], None] | None]:
     """A ``progress(done, total)`` callback drawing a bar on stderr for people at a terminal."""
@@ -512,18 +503,6 @@ def _progress_bar(quiet: bool, what: str) -> Iterator[Callable[[int, int], None]
             bar.update(task, completed=done, total=total)
 
         yield advance
-
-
-def _progress(chunks: list[list[Job]], total: int, quiet: bool, what: str) -> Iterator[list[Job]]:
-    """Yield ``chunks``, with a progress bar on stderr for people when there are many jobs."""
-    if quiet or total < 500 or not sys.stderr.isatty():
-        yield from chunks
-        return
-    with Progress(console=Console(stderr=True)) as progress:
-        task = progress.add_task(what, total=total)
-        for chunk in chunks:
-            yield chunk
-            progress.advance(task, len(chunk))
 
 
 @main.command()

@@ -196,17 +196,6 @@ def fail(
     transition(session, job, JobState.FAILED, now, error=error, not_before=now + delay)
 
 
-def requeue(session: Session, jobs: Sequence[Job], now: datetime) -> int:
-    """Put jobs back in the queue on purpose (admin); running jobs are left alone."""
-    count = 0
-    for job in jobs:
-        if job.state in (JobState.RUNNING, JobState.QUEUED):
-            continue
-        transition(session, job, JobState.QUEUED, now)
-        count += 1
-    return count
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -91,6 +91,7 @@ class NodeProcess:
 
     def start(self, timeout: float = 120) -> NodeProcess:
         args = ["serve"] + (["--components", self.components] if self.components else [])
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             self.command(*args), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
@@ -101,7 +102,7 @@ class NodeProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pacsnode exited with {self.proc.returncode}:\n{self.log()}")
             if self.components and "receiver" not in self.components:
-                if "pacsnode running" in self.log():
+                if b"pacsnode running" in self.log_path.read_bytes()[offset:]:  # this start's
                     return self
             elif (
                 echoscu(

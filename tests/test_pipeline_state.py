@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacsnode import completion, queue, routing
+from pacsnode import admin, completion, queue, routing
 from pacsnode.config import CompletionConfig, QueueConfig, parse_config
 from pacsnode.db import make_engine, make_sessionmaker, upgrade
 from pacsnode.errors import ConfigError
@@ -168,7 +168,7 @@ def test_failures_back_off_then_die_and_requeue_revives(sessions: sessionmaker[S
         job = s.get(Job, job_id)
         assert job is not None and job.state is JobState.DEAD
         assert "gave up after 3 attempts" in (job.last_error or "")
-        assert queue.requeue(s, [job], now) == 1
+        assert admin.requeue(s, [job], now).jobs == [job_id]
         assert job.state is JobState.QUEUED and job.attempts == 0
 
 
