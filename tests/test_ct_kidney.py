@@ -4,7 +4,8 @@ What is judged is geometry: the SEG as stored in Orthanc, mapped frame by frame 
 source slices by ImagePositionPatient, must give the same Dice against the phantom's ground
 truth as the in-memory prediction (no slice shift, no flip), head first and feet first; left
 and right must be the patient's for feet-first and prone acquisitions; the SR's volumes must
-match the ground truth where the segmentation is good.
+match the ground truth where the segmentation is good. A patient with one kidney (a SEG of a
+single segment, issue 15) gets a SEG and an SR that reports the missing kidney Absent.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ import torch
 from nodeproc import MODELS_DIR, NodeProcess
 from peers import LOOPBACK, Orthanc, combined_output, dciodvfy, parse_store_statuses, storescu
 from pydicom import dcmread
+from sqlalchemy import select
 
+from pacsnode.findings import summarize
 from pacsnode.manifest import load_manifest
 from pacsnode.measurements import volume_ml
 from pacsnode.models.kidney import SEGMENT_LABELS, KidneySegmenter
 from pacsnode.phantoms.abdomen import AbdomenSeries, make_abdomen_case, write_abdomen_series
+from pacsnode.tables import Finding
 from pacsnode.volumes import Volume, load_volume, plan_volume, read_slice_refs
-from pacsnode.writers.sr import read_segmentation_report
+from pacsnode.writers.sr import read_absent_segments, read_segmentation_report
 
 KIDNEY_DIR = MODELS_DIR / "ct-kidney"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -80,13 +84,20 @@ def test_left_and_right_are_the_patients_in_every_position(
 def _frames_by_position(
     seg: hd.seg.Segmentation, number: int
 ) -> dict[tuple[float, ...], np.ndarray]:
-    """Segment ``number`` of a SEG as {ImagePositionPatient: frame}, from the stored frames."""
+    """Segment ``number`` of a SEG as {ImagePositionPatient: frame}, from the stored frames.
+
+    A frame's Segment Identification is per frame, or shared when the SEG has one segment.
+    """
     frames: dict[tuple[float, ...], np.ndarray] = {}
     pixels = seg.pixel_array
     if pixels.ndim == 2:
         pixels = pixels[None]
+    shared = seg.SharedFunctionalGroupsSequence[0]
     for index, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        if int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber) != number:
+        identification = item.get("SegmentIdentificationSequence")
+        if identification is None:
+            identification = shared.SegmentIdentificationSequence
+        if int(identification[0].ReferencedSegmentNumber) != number:
             continue
         ipp = item.PlanePositionSequence[0].ImagePositionPatient
         frames[tuple(round(float(v), 2) for v in ipp)] = pixels[index].astype(bool)
@@ -210,3 +221,72 @@ def _segment_number(seg: hd.seg.Segmentation, code) -> int:
         if (str(prop.CodeValue), str(prop.CodingSchemeDesignator)) == (code.value, code.scheme):
             return int(item.SegmentNumber)
     raise AssertionError(f"no segment with property type {code}")
+
+
+ONE_KIDNEY_CASE = 69
+"""A right nephrectomy without lesions, in which the model finds the left kidney only."""
+
+
+@pytest.mark.slow
+def test_one_kidney_gets_a_seg_of_one_segment_and_the_other_kidney_absent(
+    pacs_and_node, tmp_path: Path, model: KidneySegmenter
+) -> None:
+    """Issue 15: a study with exactly one segment found used to get no SEG and no SR."""
+    orthanc, node = pacs_and_node
+    manifest = load_manifest(KIDNEY_DIR)
+    case = make_abdomen_case(ONE_KIDNEY_CASE, kind="normal", contrast=True)
+    assert case.nephrectomy == "right" and [k.side for k in case.kidneys] == ["left"]
+    written = write_abdomen_series(tmp_path / "one-kidney", case, **GEOMETRY)
+    volume = volume_of(written)
+    expected = model.segment(volume)
+    found = [name for name in SEGMENT_LABELS if expected.masks[name].any()]
+    assert found == ["left_kidney"], f"case {ONE_KIDNEY_CASE}: the model found {found}"
+    truth = written.render.masks()
+    assert not truth["right_kidney"].any()
+    assert dice(expected.masks["left_kidney"], truth["left_kidney"]) > 0.9
+
+    result = storescu(LOOPBACK, node.port, list(written.paths), called_aet=node.ae_title)
+    assert parse_store_statuses(combined_output(result)) == [0x0000] * len(written.paths)
+    stored = orthanc.wait_for(
+        lambda: (r := _results(orthanc, written.study_uid)) and len(r) == 2 and r, timeout=120
+    )
+    seg_path, sr_path = tmp_path / "seg.dcm", tmp_path / "sr.dcm"
+    seg_path.write_bytes(orthanc.download(stored[SEG_CLASS]))
+    sr_path.write_bytes(orthanc.download(stored[SR_CLASS]))
+    for path in (seg_path, sr_path):
+        errors, _ = dciodvfy(path)
+        assert errors == [], (path.name, errors)
+
+    seg = hd.seg.segread(seg_path)
+    assert seg.segment_numbers == [1]
+    assert seg.get_segment_description(1).tracking_id == "left_kidney"
+    assert str(seg.FrameOfReferenceUID) == written.frame_of_reference_uid
+    positions = _source_positions(written.paths)
+    stored_mask = _seg_as_canonical(seg, 1, volume, positions)
+    assert np.array_equal(stored_mask, expected.masks["left_kidney"])
+
+    sr = dcmread(sr_path)
+    report = read_segmentation_report(sr, manifest)
+    assert list(report) == ["left_kidney"]
+    left = report["left_kidney"]
+    assert (left.seg_sop_instance_uid, left.segment_number) == (str(seg.SOPInstanceUID), 1)
+    assert left.tracking_uid == seg.get_segment_description(1).tracking_uid
+    true_ml = volume_ml(truth["left_kidney"], volume.spacing)
+    assert left.volume_ml == pytest.approx(true_ml, rel=0.05)
+    absent = ["right_kidney", "kidney_tumour", "kidney_cyst"]
+    assert read_absent_segments(sr, manifest) == absent
+    verdicts = {**dict.fromkeys(absent, False), "left_kidney": True}
+    assert summarize(sr, manifest) == verdicts
+    with node.sessions()() as session:  # what the node recorded for the audit, from this SR
+        assert dict(session.execute(select(Finding.label, Finding.positive)).all()) == verdicts
+    # the SR's segment names the source images the kidney is on, as the SEG's frames do
+    content = hd.sr.EnhancedSR.from_dataset(sr).content
+    [group] = content.get_volumetric_roi_measurement_groups()
+    reference = group.referenced_segment
+    assert reference is not None
+    assert str(reference.referenced_sop_instance_uid) == str(seg.SOPInstanceUID)
+    frames, refs = volume.to_source(expected.masks["left_kidney"])
+    hits = frames.any(axis=(1, 2))
+    on = {ref.sop_instance_uid for ref, hit in zip(refs, hits, strict=True) if hit}
+    images = reference.source_images_for_segmentation
+    assert {str(image.referenced_sop_instance_uid) for image in images} == on

@@ -332,6 +332,19 @@ def test_no_key_images_for_a_negative_exam(
     assert build_key_images(sources, negative, manifest, now=NOW) is None
 
 
+def test_no_key_images_for_an_image_label_that_is_not_reported(
+    sources: list[Dataset], positive: SeriesResult, manifest: Manifest
+) -> None:
+    """Only reported labels reach the PACS: no slice summary in the SR, no key images."""
+    labels = [
+        label.model_copy(update={"reported": label.level != "image"}) for label in manifest.labels
+    ]
+    unreported = manifest.model_copy(update={"labels": labels})
+    assert build_key_images(sources, positive, unreported, now=NOW) is None
+    report = read_series_report(build_series_report(sources, positive, unreported, now=NOW))
+    assert report.positive_slices is None
+
+
 def test_uids_are_deterministic_and_distinct(
     sources: list[Dataset], positive: SeriesResult, manifest: Manifest
 ) -> None:

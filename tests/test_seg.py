@@ -102,6 +102,10 @@ def _canonical(seg: hd.seg.Segmentation, sources: list[Dataset]) -> dict[int, np
     pixels = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
     out = {number: np.zeros(SHAPE, dtype=bool) for number in seg.segment_numbers}
     for frame, item in zip(pixels, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        # per frame, or shared when the SEG holds a single segment
+        identification = item.get("SegmentIdentificationSequence")
+        if identification is None:
+            identification = shared.SegmentIdentificationSequence
         position = np.array(item.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
         source = item.DerivationImageSequence[0].SourceImageSequence[0]
         key = (str(source.ReferencedSOPInstanceUID), source.get("ReferencedFrameNumber"))
@@ -117,7 +121,7 @@ def _canonical(seg: hd.seg.Segmentation, sources: list[Dataset]) -> dict[int, np
         ijk = (inverse @ np.c_[lps, np.ones(len(lps))].T)[:3].T
         index = np.round(ijk).astype(int)
         np.testing.assert_allclose(ijk, index, atol=1e-6)  # on the voxel grid, not between
-        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        number = int(identification[0].ReferencedSegmentNumber)
         out[number][index[:, 2], index[:, 1], index[:, 0]] = True
     return out
 
@@ -151,6 +155,29 @@ def test_segments_land_on_their_source_pixels(tmp_path: Path, options: dict[str,
         ref.sop_instance_uid for ref in result.volume.slices
     }  # the localizer is not a source
     assert len(referenced) == (1 if enhanced else SHAPE[0])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"patient_position": "HFS"}, {"patient_position": "FFP", "enhanced": True, "shuffle": True}],
+    ids=["HFS", "enhanced-FFP"],
+)
+def test_a_single_segment_lands_on_its_source_pixels(
+    tmp_path: Path, options: dict[str, object]
+) -> None:
+    """One segment found (issue 15): segment 1, on its own source frames and no others."""
+    sources, result = _series(tmp_path, **options)
+    only = {
+        name: mask if name == "left_kidney" else np.zeros(SHAPE, dtype=bool)
+        for name, mask in result.masks.items()
+    }
+    result = dataclasses.replace(result, masks=only)
+    seg = _saved(build_segmentation(sources, result, MANIFEST), tmp_path / "seg.dcm")
+    assert seg.segment_numbers == [1]
+    assert seg.get_segment_description(1).tracking_id == "left_kidney"
+    assert np.array_equal(_canonical(seg, sources)[1], result.masks["left_kidney"])
+    frames, _ = result.volume.to_source(result.masks["left_kidney"])
+    assert seg.NumberOfFrames == int(frames.any(axis=(1, 2)).sum())
 
 
 def test_segment_descriptions_follow_the_manifest(tmp_path: Path) -> None:

@@ -235,6 +235,45 @@ def test_missing_segments_are_reported_absent(tmp_path: Path) -> None:
     assert read_absent_segments(sr, MANIFEST) == ["kidney_tumour"]
 
 
+@pytest.mark.parametrize("enhanced", [False, True], ids=["single", "enhanced"])
+def test_one_segment_found_gives_a_seg_and_a_report(tmp_path: Path, enhanced: bool) -> None:
+    """Issue 15: a SEG of one segment keeps its Segment Identification in the shared
+    functional groups; the report must still reference it, with the images it is on."""
+    sources, result = _series(tmp_path, enhanced=enhanced)
+    only = {
+        n: m if n == "right_kidney" else np.zeros(SHAPE, dtype=bool)
+        for n, m in result.masks.items()
+    }
+    result = dataclasses.replace(result, masks=only)
+    seg = build_segmentation(sources, result, MANIFEST)
+    assert seg is not None
+    _stored(seg, tmp_path / "seg.dcm")
+    sr = _stored(
+        build_segmentation_report(sources, result, seg, measure(result), MANIFEST),
+        tmp_path / "sr.dcm",
+    )
+    report = read_segmentation_report(sr, MANIFEST)
+    assert list(report) == ["right_kidney"]
+    assert report["right_kidney"].segment_number == 1
+    assert report["right_kidney"].seg_sop_instance_uid == str(seg.SOPInstanceUID)
+    assert report["right_kidney"].volume_ml == pytest.approx(
+        result.masks["right_kidney"].sum() * math.prod(SPACING) / 1000
+    )
+    assert read_absent_segments(sr, MANIFEST) == ["left_kidney", "kidney_tumour", "kidney_cyst"]
+    [group] = hd.sr.EnhancedSR.from_dataset(sr).content.get_volumetric_roi_measurement_groups()
+    assert group.referenced_segment is not None
+    images = group.referenced_segment.source_images_for_segmentation
+    frames, refs = result.volume.to_source(result.masks["right_kidney"])
+    on = [ref for ref, hit in zip(refs, frames.any(axis=(1, 2)), strict=True) if hit]
+    if enhanced:  # one image, the frames the kidney is on
+        [image] = images
+        assert image.referenced_frame_numbers == sorted(int(ref.frame or 0) for ref in on)
+    else:
+        assert {str(i.referenced_sop_instance_uid) for i in images} == {
+            ref.sop_instance_uid for ref in on
+        }
+
+
 def test_nothing_found_still_gives_a_valid_report(tmp_path: Path) -> None:
     sources, result = _series(tmp_path)
     result = dataclasses.replace(result, masks={n: np.zeros(SHAPE, dtype=bool) for n in NAMES})

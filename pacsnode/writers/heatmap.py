@@ -65,6 +65,7 @@ SERIES_NUMBER = 7010
 
 DISCLAIMER = "AI-generated, not for diagnosis"
 DEMO_NOTICE = "demo model trained on synthetic phantoms"
+OUTSIDE_RANGE_WARNING = "OUTSIDE THE MODEL'S VALIDATED INPUT RANGE"
 
 OVERLAY_FLOOR = 0.2
 """Map values below this are not coloured: the radiograph stays readable around the hot spot."""
@@ -118,7 +119,8 @@ class HeatmapImage(hd.sc.SCImage):
     (the radiograph, DCM 121322 "Source image for image processing operation"), Derivation
     Description and Lossy Image Compression (00, or 01 with ratio and method when the
     transfer syntax is JPEG baseline); in General Series, the source's Body Part Examined
-    (without it dciodvfy takes the body part for a paired one and wants Laterality).
+    (without it dciodvfy takes the body part for a paired one and wants Laterality) and
+    Laterality (the source's; present, possibly empty, when the body part is not named).
     """
 
     def __init__(
@@ -132,6 +134,9 @@ class HeatmapImage(hd.sc.SCImage):
         body_part = source_image.get("BodyPartExamined")
         if body_part:
             self.BodyPartExamined = body_part
+        laterality = _series_laterality(source_image)
+        if laterality or not body_part:
+            self.Laterality = laterality
         self.BurnedInAnnotation = "YES"
         if self.file_meta.TransferSyntaxUID == JPEGBaseline8Bit:
             stored = len(self.PixelData)
@@ -151,6 +156,20 @@ class HeatmapImage(hd.sc.SCImage):
         self.SourceImageSequence = [reference]
 
 
+def _series_laterality(source: Dataset) -> str:
+    """Laterality (General Series, R or L) of the SC: the source's, else its Image Laterality
+    when that is R or L, else empty.
+
+    Type 2C, required when the body part is paired. dciodvfy takes a source without Body Part
+    Examined for a paired one, so the SC of such a source carries it, empty when unknown.
+    """
+    for keyword in ("Laterality", "ImageLaterality"):
+        value = str(source.get(keyword) or "").strip().upper()
+        if value in ("R", "L"):
+            return value
+    return ""
+
+
 def build_heatmap_images(
     source: Dataset,
     result: ImageResult,
@@ -161,6 +180,7 @@ def build_heatmap_images(
     now: datetime | None = None,
     encoding: HeatmapEncoding = "jpeg",
     pool: Executor | None = None,
+    outside: str | None = None,
 ) -> dict[str, HeatmapImage]:
     """One heatmap SC per positive finding of ``result`` on ``source`` (see the module
     docstring), keyed by label name in manifest order; empty when nothing is Present.
@@ -184,6 +204,9 @@ def build_heatmap_images(
     pool
         Builds the findings' images concurrently when given (overlay, text and JPEG encoding
         release the GIL for most of their time); the result is the same either way.
+    outside
+        Why the image lies outside the model's validated input range, when a failed gate
+        let it through (``on_gate_failure = "flag"``): burned in under the finding.
 
     Raises
     ------
@@ -217,6 +240,7 @@ def build_heatmap_images(
             top=[
                 f"{meaning}: {probability:.2f} (threshold {label.threshold:.2f})",
                 f"Grad-CAM, {manifest.name} {manifest.version}",
+                *([f"{OUTSIDE_RANGE_WARNING}: {outside}"] if outside else []),
             ],
             bottom=[DISCLAIMER, DEMO_NOTICE] if manifest.synthetic else [DISCLAIMER],
         )

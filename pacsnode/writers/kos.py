@@ -72,7 +72,8 @@ def build_key_images(
     series_number: int = 7002,
     now: datetime | None = None,
 ) -> hd.ko.KeyObjectSelectionDocument | None:
-    """Flag the most suspicious slices of a positive series; None when no slice is positive.
+    """Flag the most suspicious slices of a positive series; None when no slice is positive
+    or the image label is not reported.
 
     Parameters
     ----------
@@ -84,7 +85,8 @@ def build_key_images(
         ``sources``.
     manifest
         The model's manifest; ``result.image_label``'s threshold decides which slices are
-        positive.
+        positive, and a label that is not ``reported`` gets no key images (as it gets no
+        slice summary in the SR).
     max_images
         At most this many slices are flagged: the most probable positive ones.
     series_number
@@ -106,6 +108,8 @@ def build_key_images(
         raise ValueError("sources: at least one instance is needed to select key images")
     first = check_sources(sources, "KOS")
     label, scored = match_slices(sources, result, manifest)
+    if not label.reported:  # only reported labels reach the PACS, key images included
+        return None
     chosen = select_key_slices(scored, label, max_images)
     if not chosen:
         return None

@@ -59,7 +59,8 @@ Segmenter layout (CT kidney; same header, the evidence lists the series and the 
         Tracking Identifier (label name; the SEG segment's Tracking UID), Finding Category
         and Finding (the segment's category and property type), Finding Site (its anatomic
         region, when the manifest gives one), Algorithm Identification
-        Referenced Segment -> the SEG instance and segment number, with its source images
+        Referenced Segment -> the SEG instance and segment number, with the source images
+        (and frames, when multi-frame) that hold the segment
         NUM SCT 118565006 "Volume", UCUM "cm3" (= mL), TID 4019
         lesions only (category SCT 49755003 "Morphologically Abnormal Structure"):
           NUM SCT 103339001 "Long axis" = longest diameter, UCUM "mm", TID 4019
@@ -175,6 +176,20 @@ LOCAL_CODES = (
     SUPERIOR_POSITIVE_INSTANCE,
     INFERIOR_POSITIVE_INSTANCE,
 )
+INPUT_CHECK = Code("input-check", LOCAL_SCHEME, "Input check")
+WITHIN_RANGE = Code("within-range", LOCAL_SCHEME, "Within the model's validated input range")
+OUTSIDE_RANGE = Code("outside-range", LOCAL_SCHEME, "Outside the model's validated input range")
+OOD_DISTANCE = Code("ood-distance", LOCAL_SCHEME, "Out-of-distribution distance")
+OOD_LIMIT = Code("ood-limit", LOCAL_SCHEME, "Out-of-distribution limit")
+DISTANCE_UNIT = Code("{Mahalanobis}", "UCUM", "Mahalanobis distance")
+INPUT_CHECK_CODES = (
+    INPUT_CHECK,
+    WITHIN_RANGE,
+    OUTSIDE_RANGE,
+    OOD_DISTANCE,
+    OOD_LIMIT,
+    DISTANCE_UNIT,
+)
 SLICES_UNIT = Code("{slices}", "UCUM", "slices")
 """A count of slices: UCUM ``1`` with an annotation, so it is never taken for a probability."""
 INSTANCE_NUMBER_UNIT = Code("{instance}", "UCUM", "instance number")
@@ -224,6 +239,18 @@ _SR_READERS: dict[
     "1.2.840.10008.5.1.4.1.1.88.33": hd.sr.ComprehensiveSR,
     "1.2.840.10008.5.1.4.1.1.88.34": hd.sr.Comprehensive3DSR,
 }
+
+
+@dataclass(frozen=True)
+class InputCheck:
+    """What the node's gates made of one input (an image or a series), as its SR reports it:
+    the out-of-distribution distance and its limit (:mod:`pacsnode.gates.ood`), and, when
+    ``on_gate_failure = "flag"`` let a failed input through, why it is outside the range
+    the model was validated on."""
+
+    ood_distance: float | None = None
+    ood_limit: float | None = None
+    outside: str | None = None
 
 
 def result_uids(source_series_uid: str, manifest: Manifest, kind: str = "sr") -> tuple[str, str]:
@@ -429,6 +456,7 @@ def build_measurement_report(
     now: datetime | None = None,
     procedure_reported: Code = PLAIN_CHEST_XRAY,
     heatmaps: Mapping[tuple[str, str], Dataset] | None = None,
+    input_checks: Mapping[str, InputCheck] | None = None,
 ) -> hd.sr.EnhancedSR:
     """Build the Measurement Report of ``results`` for the images ``sources`` of one series.
 
@@ -453,6 +481,10 @@ def build_measurement_report(
         (source SOPInstanceUID, label name): each becomes the Source of Measurement of that
         label's probability and part of the evidence. Only findings reported Present may
         have one.
+    input_checks
+        By source SOPInstanceUID: each becomes an "input check" group (TID 1501) of that
+        image with the out-of-distribution distance and limit and whether the image lies
+        inside the model's validated input range (see :class:`InputCheck`).
 
     Character set: the source's Specific Character Set is kept when highdicom accepts it
     as a stand-alone term (e.g. ``ISO_IR 192``, ``GB18030``, ``ISO_IR 100``) and our own
@@ -487,6 +519,19 @@ def build_measurement_report(
         )
         for index, ds in enumerate(sources, start=1)
     ]
+    checks = input_checks or {}
+    groups += [
+        _input_check_group(
+            checks[str(ds.SOPInstanceUID)],
+            manifest,
+            algorithm,
+            f"image {index}",
+            str(ds.SOPInstanceUID),
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(ds),
+        )
+        for index, ds in enumerate(sources, start=1)
+        if str(ds.SOPInstanceUID) in checks
+    ]
     return _enhanced_sr(
         sources,
         groups,
@@ -494,7 +539,7 @@ def build_measurement_report(
         procedure_reported=procedure_reported,
         series_number=series_number,
         now=now,
-        codes_used=[],
+        codes_used=INPUT_CHECK_CODES if checks else [],
         evidence=list((heatmaps or {}).values()),
     )
 
@@ -507,6 +552,7 @@ def build_series_report(
     series_number: int = 7001,
     now: datetime | None = None,
     procedure_reported: Code = CT_PULMONARY_ANGIOGRAPHY,
+    input_check: InputCheck | None = None,
 ) -> hd.sr.EnhancedSR:
     """Build the Measurement Report of a volume model's ``result`` for one series.
 
@@ -527,6 +573,8 @@ def build_series_report(
     series_number, now, procedure_reported
         As for :func:`build_measurement_report`; the procedure defaults to CT pulmonary
         angiography (:data:`CT_PULMONARY_ANGIOGRAPHY`).
+    input_check
+        The series' :class:`InputCheck`, reported in an "input check" group.
 
     Raises
     ------
@@ -555,6 +603,8 @@ def build_series_report(
     ]
     if image_label.reported:
         groups.append(_slice_group(series_uid, image_label, scored, manifest, algorithm))
+    if input_check is not None:
+        groups.append(_input_check_group(input_check, manifest, algorithm, "series", series_uid))
     return _enhanced_sr(
         sources,
         groups,
@@ -562,7 +612,10 @@ def build_series_report(
         procedure_reported=procedure_reported,
         series_number=series_number,
         now=now,
-        codes_used=LOCAL_CODES if image_label.reported else (),
+        codes_used=[
+            *(LOCAL_CODES if image_label.reported else ()),
+            *(INPUT_CHECK_CODES if input_check is not None else ()),
+        ],
     )
 
 
@@ -699,6 +752,7 @@ def build_segmentation_report(
     series_number: int = 7001,
     now: datetime | None = None,
     procedure_reported: Code = CT_KIDNEYS,
+    input_check: InputCheck | None = None,
 ) -> hd.sr.EnhancedSR:
     """Build the Measurement Report of a segmenter's ``result``: what it found, and how big.
 
@@ -722,12 +776,15 @@ def build_segmentation_report(
         As for :func:`build_measurement_report`.
     procedure_reported
         TID 1500 "Procedure Reported"; defaults to :data:`CT_KIDNEYS`.
+    input_check
+        The series' :class:`InputCheck`, reported in an "input check" group.
 
     Raises
     ------
     ValueError
         When ``sources`` is empty or spans several series, ``result`` is of another series,
-        or ``seg`` and ``measurements`` disagree on which segments were found.
+        ``seg`` and ``measurements`` disagree on which segments were found, or a measured
+        segment's mask in ``result`` is empty.
     InvalidDatasetError
         When the first source lacks an attribute the SR must carry.
     """
@@ -752,7 +809,14 @@ def build_segmentation_report(
     groups = []
     if seg is not None:
         groups = [
-            _segment_group(seg, label, *segments[label.name], measurements[label.name], algorithm)
+            _segment_group(
+                seg,
+                label,
+                *segments[label.name],
+                _segment_sources(result, label.name),
+                measurements[label.name],
+                algorithm,
+            )
             for label in found
         ]
     absent = [label for label in labels if label.name not in measurements]
@@ -771,12 +835,16 @@ def build_segmentation_report(
                 ],
             )
         )
+    if input_check is not None:
+        groups.append(_input_check_group(input_check, manifest, algorithm, "series", series_uid))
     extra = [
         spec.to_code()
         for label in labels
         for spec in (label.category, label.anatomic_region)
         if spec
     ]
+    if input_check is not None:
+        extra += INPUT_CHECK_CODES
     return _enhanced_sr(
         sources,
         groups,
@@ -874,16 +942,47 @@ def _seg_segments(
     return segments
 
 
+def _segment_sources(
+    result: SegmentationResult, name: str
+) -> list[hd.sr.SourceImageForSegmentation]:
+    """The source images holding segment ``name`` (with their frames, when multi-frame):
+    the source frames its SEG frames are on (:func:`pacsnode.writers.seg.build_segmentation`
+    maps the mask the same way and leaves the frames empty for a segment out)."""
+    frames, refs = result.volume.to_source(result.masks[name])
+    hits = cast(list[bool], frames.any(axis=(1, 2)).tolist())
+    by_instance: dict[str, tuple[str, list[int]]] = {}
+    for ref, occupied in zip(refs, hits, strict=True):
+        if occupied:
+            _, numbers = by_instance.setdefault(ref.sop_instance_uid, (ref.sop_class_uid, []))
+            if ref.frame is not None:
+                numbers.append(ref.frame)
+    if not by_instance:
+        raise ValueError(
+            f"series {result.series_uid}: segment {name!r} was measured, but its mask is empty"
+        )
+    return [
+        hd.sr.SourceImageForSegmentation(sop_class, uid, sorted(numbers) or None)
+        for uid, (sop_class, numbers) in by_instance.items()
+    ]
+
+
 def _segment_group(
     seg: Dataset,
     label: LabelSpec,
     number: int,
     tracking_uid: str,
+    sources: Sequence[hd.sr.SourceImageForSegmentation],
     measurement: SegmentMeasurement,
     algorithm: hd.sr.AlgorithmIdentification,
 ) -> hd.sr.ContainerContentItem:
     """TID 1411 for one segment, in a SEPARATE container like the other groups (see the
-    module docstring); highdicom's template orders and checks the items."""
+    module docstring); highdicom's template orders and checks the items.
+
+    The Referenced Segment is built from what the writer knows (the SEG's UIDs, the segment
+    number and ``sources``), not with highdicom's ``ReferencedSegment.from_segmentation``:
+    that reads each frame's Segment Identification from the per-frame functional groups,
+    where a SEG of a single segment has none (highdicom puts it in the shared groups), and
+    fails on exactly the studies in which one segment was found."""
     category = label.category.to_code() if label.category is not None else None
     values = [
         hd.sr.Measurement(
@@ -902,7 +1001,12 @@ def _segment_group(
     region = label.anatomic_region
     template = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=label.name),
-        referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, number),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=str(seg.SOPClassUID),
+            sop_instance_uid=str(seg.SOPInstanceUID),
+            segment_number=number,
+            source_images=sources,
+        ),
         finding_category=category,
         finding_type=_label_code(label),
         algorithm_id=algorithm,
@@ -1142,6 +1246,83 @@ def _label_group(
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
         items=[*tracking, *algorithm, *items, *([source] if source is not None else [])],
     )
+
+
+def _input_check_group(
+    check: InputCheck,
+    manifest: Manifest,
+    algorithm: hd.sr.AlgorithmIdentification,
+    what: str,
+    key: str,
+    source: hd.sr.SourceImageForMeasurementGroup | None = None,
+) -> hd.sr.ContainerContentItem:
+    """TID 1501 "input check" of one image or series: distance, limit, inside or outside the
+    validated input range, and why (a Comment) when outside."""
+    items: list[Dataset] = []
+    if check.ood_distance is not None:
+        items += hd.sr.Measurement(
+            name=OOD_DISTANCE, value=check.ood_distance, unit=DISTANCE_UNIT, algorithm_id=algorithm
+        )
+    if check.ood_limit is not None:
+        items += hd.sr.Measurement(
+            name=OOD_LIMIT, value=check.ood_limit, unit=DISTANCE_UNIT, algorithm_id=algorithm
+        )
+    items += hd.sr.QualitativeEvaluation(
+        name=INPUT_CHECK, value=OUTSIDE_RANGE if check.outside else WITHIN_RANGE
+    )
+    if check.outside:
+        items.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment,
+                value=check.outside[:1024],
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
+    return _label_group(
+        _identifier(manifest, f"{manifest.name} input check, {what}"),
+        derive_uid(key, manifest.name, manifest.version, "sr", "input-check"),
+        algorithm,
+        items,
+        source,
+    )
+
+
+def read_input_checks(sr: Dataset) -> dict[str, InputCheck]:
+    """``{tracking identifier: InputCheck}`` of the "input check" groups of an SR."""
+    out: dict[str, InputCheck] = {}
+    for group in _measurement_group_items(sr):
+        values: dict[str, Any] = {}
+        name = ""
+        for item in group.get("ContentSequence", []):
+            concept = item.ConceptNameCodeSequence[0]
+            if item.ValueType == "TEXT" and concept.CodeValue == "112039":
+                name = str(item.TextValue)
+            elif item.ValueType == "NUM" and concept.CodeValue in (
+                OOD_DISTANCE.value,
+                OOD_LIMIT.value,
+            ):
+                values[str(concept.CodeValue)] = float(item.MeasuredValueSequence[0].NumericValue)
+            elif item.ValueType == "CODE" and concept.CodeValue == INPUT_CHECK.value:
+                values["inside"] = item.ConceptCodeSequence[0].CodeValue == WITHIN_RANGE.value
+            elif item.ValueType == "TEXT" and concept.CodeValue == codes.DCM.Comment.value:
+                values["outside"] = str(item.TextValue)
+        if "inside" in values:
+            out[name] = InputCheck(
+                values.get(OOD_DISTANCE.value),
+                values.get(OOD_LIMIT.value),
+                None if values["inside"] else values.get("outside", OUTSIDE_RANGE.meaning),
+            )
+    return out
+
+
+def _measurement_group_items(sr: Dataset) -> list[Dataset]:
+    """Every TID 1501/1411 group under Imaging Measurements, as datasets."""
+    groups = []
+    for item in sr.get("ContentSequence", []):
+        if item.ConceptNameCodeSequence[0].CodeValue != codes.DCM.ImagingMeasurements.value:
+            continue
+        groups += [g for g in item.get("ContentSequence", []) if g.ValueType == "CONTAINER"]
+    return groups
 
 
 def _measurement_group(
