@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.sr.codedict import codes
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -747,9 +748,10 @@ def make_cxr_dataset(
         anatomy.CodeMeaning = "Chest"
         ds.AnatomicRegionSequence = DicomSequence([anatomy])
         view_code = Dataset()
-        view_code.CodeValue = "399348003" if view == "PA" else "399198005"
+        code = codes.SCT.PosteroAnterior if view == "PA" else codes.SCT.AnteroPosterior
+        view_code.CodeValue = code.value  # CID 4010: 272479007 PA, 399348003 AP
         view_code.CodingSchemeDesignator = "SCT"
-        view_code.CodeMeaning = "postero-anterior" if view == "PA" else "antero-posterior"
+        view_code.CodeMeaning = code.meaning
         view_code.ViewModifierCodeSequence = DicomSequence([])
         ds.ViewCodeSequence = DicomSequence([view_code])
     else:
