@@ -64,11 +64,18 @@ bench: install-test system-deps
 	$(BIN)/python benchmarks/latency.py
 	$(BIN)/python benchmarks/inference.py
 
-# Retrain the demo weights on synthetic phantoms (see each models/*/MODEL_CARD.md)
-weights: install
+# Retrain the demo weights and input gates on synthetic phantoms (see each models/*/MODEL_CARD.md
+# and models/gates/*/MODEL_CARD.md)
+weights: install-test  # the training scripts measure with scikit-learn (test extra)
 	$(BIN)/python -m pacsnode.models.train_cxr --out models/cxr-chexnet
 	$(BIN)/python -m pacsnode.models.train_pe --out models/ct-pe --seed 0
 	$(BIN)/python -m pacsnode.models.train_kidney --out models/ct-kidney --seed 0
+	$(BIN)/python -m pacsnode.gates.train_ct --out models/gates/ct-region-contrast --seed 0
+	$(BIN)/python -m pacsnode.gates.train_radiograph --out models/gates/radiograph-view --seed 0
+	# out-of-distribution statistics: after the models and the CT gate they are measured with
+	$(BIN)/python -m pacsnode.gates.train_ood --model cxr-chexnet
+	$(BIN)/python -m pacsnode.gates.train_ood --model ct-pe
+	$(BIN)/python -m pacsnode.gates.train_ood --model ct-kidney
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -91,16 +91,23 @@ def cxr_time_to_results(
 
 
 def _job_outputs(node: NodeProcess, jobs_before: int) -> int | None:
-    """Outputs of the newest job once it succeeded and all its deliveries are done, else None."""
+    """Outputs of the new jobs that succeeded, once no new job is still to run and all their
+    deliveries are done, else None. The other models' jobs for the study end declined
+    (the benchmark nodes send no "not analysed" notices, so nothing else arrives)."""
     with node.sessions()() as s:
-        if s.scalar(select(func.count(Job.id))) <= jobs_before:
+        jobs = s.scalars(select(Job).where(Job.id > jobs_before)).all()
+        if not jobs:
             return None
-        job = s.scalars(select(Job).order_by(Job.id.desc()).limit(1)).one()
-        if job.state is JobState.DEAD:
-            raise RuntimeError(f"CT job {job.id} died: {job.last_error}")
-        if job.state is not JobState.SUCCEEDED:
+        for job in jobs:
+            if job.state is JobState.DEAD:
+                raise RuntimeError(f"job {job.id} ({job.model_name}) died: {job.last_error}")
+        if any(j.state not in (JobState.SUCCEEDED, JobState.DECLINED) for j in jobs):
             return None
-        outputs = s.scalars(select(Output).where(Output.job_id == job.id)).all()
+        done = [j for j in jobs if j.state is JobState.SUCCEEDED]
+        if not done:
+            declined = "; ".join(f"{j.model_name}: {j.last_error}" for j in jobs)
+            raise RuntimeError(f"every model declined the input: {declined}")
+        outputs = [o for j in done for o in s.scalars(select(Output).where(Output.job_id == j.id))]
         states = [d.state for o in outputs for d in o.deliveries]
         if not states or any(state is not DeliveryState.DELIVERED for state in states):
             return None
@@ -145,12 +152,14 @@ def ct_benchmark(
     """Time to result for CTPA and abdominal series, then the peak RSS after a long CTPA.
 
     One node with every model warm; each series is its own study, so each model reads only
-    the series made for it.
+    the series made for it (the others decline it; their "not analysed" notices are off, so
+    what arrives is the model's result alone).
     """
     node = NodeProcess(
         work / "ct-node",
         enabled=("cxr-chexnet", "ct-pe", "ct-kidney"),
         destinations=[("pacs", orthanc.aet, orthanc.dicom_port)],
+        extra_toml="[outputs]\nnot_analysed = false\n",
     )
     if args.device != "cpu":
         node.config_path.write_text(

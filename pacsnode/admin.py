@@ -12,16 +12,26 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from pynetdicom import AE
-from sqlalchemy import Select, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from pacsnode import eventlog, queue, routing
 from pacsnode.config import DestinationConfig
 from pacsnode.errors import AdminError
 from pacsnode.manifest import Manifest
-from pacsnode.tables import Delivery, DeliveryState, Instance, Job, JobState, Series, Study
+from pacsnode.tables import (
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    RoutingDecision,
+    Series,
+    Study,
+)
 
 VERIFICATION = "1.2.840.10008.1.1"
 
@@ -171,11 +181,27 @@ def replay(
     ).all()
     if not rows:
         raise AdminError(f"series {series_uid} has no instances left (purged or re-sent elsewhere)")
-    reason = routing.decide(
-        manifest, series.modality, {r[0] for r in rows}, {(r[1] or "").strip() for r in rows}
-    )
+    views = {(r[1] or "").strip() for r in rows}
+    reason = routing.decide(manifest, series.modality, {r[0] for r in rows}, views)
+    if reason is None and manifest.accepts.ct is None:
+        first = session.scalar(
+            select(func.min(Instance.path)).where(Instance.series_id == series.id)
+        )
+        refusal = routing.header_scope(manifest, Path(first), views) if first else None
+        reason = refusal.reason if refusal is not None else None
     if reason is not None and not force:
         raise AdminError(f"{reason}; --force runs it anyway")
+    decision = session.scalar(
+        select(RoutingDecision).where(
+            RoutingDecision.series_id == series.id, RoutingDecision.model_name == manifest.name
+        )
+    )
+    if force and decision is not None and not decision.accepted:
+        # the worker writes a notice for a declined series; forced, it runs the model
+        # (its pixel gates still apply, as the site's on_gate_failure says)
+        decision.accepted = True
+        decision.reason = f"replayed with --force by an administrator ({decision.reason})"
+        decision.decided_at = now
     running = session.scalar(
         select(Job).where(
             Job.series_id == series.id,

@@ -7,6 +7,7 @@ import re
 import signal
 import sys
 import threading
+import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -795,9 +796,52 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
                 "weights": "ok" if ok else "MISMATCH or missing",
                 "training": "synthetic phantoms (not clinical)" if m.synthetic else "site weights",
                 "reported": ", ".join(label.name for label in m.reported_labels),
+                "gates": ", ".join(_gates_of(folder, m)),
             }
         )
+    for folder in sorted((config.models.dir / "gates").glob("*/gate.toml")):
+        rows.append(_gate_row(folder.parent, config.models.enabled, config.models.dir))
     _emit(rows, as_json, "models")
+
+
+def _gates_of(folder: Path, manifest: Any) -> list[str]:
+    """What keeps a model off inputs it was not made for, in a few words."""
+    scope = manifest.accepts.scope
+    gates = ["header scope"] if scope.body_parts or scope.refuse_words else []
+    if scope.content_gate:
+        gates.append(f"content: {scope.content_gate}")
+    if manifest.ood is not None:
+        gates.append("out of distribution")
+    return gates
+
+
+def _gate_row(folder: Path, enabled: list[str], models_dir: Path) -> dict[str, Any]:
+    """A content gate's row: whether its weights match, and which enabled models use it."""
+    try:
+        spec = tomllib.loads((folder / "gate.toml").read_text(encoding="utf-8"))
+        weights = folder / spec["weights"]["file"]
+        ok = weights.is_file() and sha256_file(weights) == spec["weights"]["sha256"]
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
+        return {"name": f"gates/{folder.name}", "error": f"unreadable gate.toml: {exc}"}
+    users = []
+    for name in enabled:
+        try:
+            if load_manifest(models_dir / name).accepts.scope.content_gate == folder.name:
+                users.append(name)
+        except PacsnodeError:
+            continue
+    return {
+        "name": f"gates/{spec.get('name', folder.name)}",
+        "version": spec.get("version", ""),
+        "kind": spec.get("kind", ""),
+        "enabled": bool(users),
+        "weights": "ok" if ok else "MISMATCH or missing",
+        "training": "synthetic phantoms (not clinical)"
+        if spec.get("synthetic")
+        else "site weights",
+        "reported": "content gate of " + (", ".join(users) or "no enabled model"),
+        "gates": "",
+    }
 
 
 @models.command("import-chexnet")
@@ -821,6 +865,69 @@ def models_import_chexnet(ctx: click.Context, checkpoint: Path, model_dir: Path 
     target = model_dir or _config(ctx).models.dir / "cxr-chexnet"
     path = import_chexnet(checkpoint, target)
     click.echo(f"wrote {path}; update {target / 'MODEL_CARD.md'} with the weights' provenance")
+
+
+@models.command("calibrate")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--images",
+    "folder",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder of the site's own DICOM (searched recursively), of the kind the model reads.",
+)
+@click.option(
+    "--quantile",
+    default=0.99,
+    show_default=True,
+    help="Share of in-distribution inputs the threshold admits (0.99: 1 % flagged).",
+)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def models_calibrate(
+    ctx: click.Context, model_dir: Path, folder: Path, quantile: float, as_json: bool
+) -> None:
+    """Compute a model's out-of-distribution statistics from a folder of the site's DICOM.
+
+    Half the usable inputs fit the distribution of the model's features, the other half
+    set the threshold; the result is written to MODEL_DIR/ood.safetensors and pinned in its
+    manifest. Restart the worker to use it.
+
+    \b
+    Example:
+      pacsnode models calibrate models/cxr-chexnet --images /srv/validation/cxr
+    """
+    from pacsnode.gates.calibrate import FEW_INPUTS, calibrate_folder
+
+    config = _config(ctx)
+    try:
+        result = calibrate_folder(
+            model_dir,
+            folder,
+            gates_dir=config.models.dir / "gates",
+            quantile=quantile,
+            progress=lambda line: click.echo(line, err=True),
+        )
+    except (PacsnodeError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    row = {
+        "model": model_dir.name,
+        "inputs": result.inputs,
+        "fitted": result.stats.n_fit,
+        "threshold_set_on": result.stats.n_calibration,
+        "threshold": round(result.stats.threshold, 3),
+        "quantile": quantile,
+        "held_out_flagged": round(result.held_out_flagged, 4),
+        "skipped": ", ".join(f"{k}: {v}" for k, v in sorted(result.skipped.items())) or "none",
+        "sha256": result.sha256,
+        "note": (
+            f"fewer than {FEW_INPUTS} inputs: the threshold is rough; check the flag rate on "
+            "new studies"
+            if result.inputs < FEW_INPUTS
+            else ""
+        ),
+    }
+    _emit([row], as_json, "out-of-distribution calibration")
 
 
 @main.group("config")

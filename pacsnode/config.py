@@ -192,10 +192,22 @@ class DispatchConfig(RetryPolicy):
     radiograph's SR and heatmaps): the PACS stores them in parallel. 1: one at a time."""
 
 
+GatePolicy = Literal["decline", "flag"]
+
+
 class ModelsConfig(_Section):
     dir: Path = Path("models")
     enabled: list[str] = ["cxr-chexnet", "ct-pe"]
     device: str = "auto"  # "auto": CUDA when present, else CPU
+    on_gate_failure: dict[str, GatePolicy] = {"default": "decline"}
+    """What a model does with an input its content or out-of-distribution gate fails, by
+    model name ("default" for the rest): ``"decline"``, no finding is sent (a "not analysed"
+    notice is, with ``[outputs] not_analysed``); ``"flag"``, results are sent, marked in the
+    SR and burned into every image as outside the model's validated input range. A header
+    outside the manifest's scope is always declined."""
+
+    def gate_policy(self, model: str) -> GatePolicy:
+        return self.on_gate_failure.get(model, self.on_gate_failure.get("default", "decline"))
 
 
 HeatmapOutput = Literal["sc"]
@@ -209,6 +221,10 @@ class OutputsConfig(_Section):
     """Image models' Grad-CAM heatmaps of positive findings: ``"sc"`` writes one Secondary
     Capture per finding (radiograph + colour overlay + burned-in text); ``[]`` writes none
     and skips computing them."""
+    not_analysed: bool = True
+    """A study a model would take by modality but that a gate kept from it gets one small
+    "not analysed" SR and a one-line Secondary Capture in the source study, saying which
+    model declined and why (:mod:`pacsnode.writers.notice`)."""
     heatmap_encoding: HeatmapEncoding = "jpeg"
     """``"jpeg"``: JPEG baseline, quality 95 (1.5 MB for a 2048x2048 image, flagged lossy);
     ``"uncompressed"``: 12 MB each, lossless, about 0.2 s more per image to deliver."""

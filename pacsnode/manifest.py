@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydicom.sr.coding import Code
@@ -62,13 +62,46 @@ class LabelSpec(_Strict):
         return self
 
 
+class ScopeSpec(_Strict):
+    """``[accepts.scope]``: the anatomy and patients a model reads, judged from the header
+    (see :mod:`pacsnode.scope`) and, with ``content_gate``, from the pixels."""
+
+    body_parts: list[str] = []
+    """Accepted Body Part Examined terms (CID 4031: CHEST, ABDOMEN...); a site's synonyms
+    (THORAX, LUNG...) count as the term. Empty: any body part."""
+    missing_body_part: Literal["accept", "confirm", "refuse"] = "accept"
+    """An empty Body Part Examined: accepted; accepted only when a description names one of
+    ``confirm_words``; or refused."""
+    refuse_words: list[str] = []
+    """Words or phrases in Study/Series Description, Protocol Name or Requested Procedure
+    Description that put the input out of scope (HAND, KNEE, PAEDIATRIC...)."""
+    refuse_population_words: list[str] = []
+    """Words in those descriptions that refuse whatever else they say: patients the model
+    was not made for (PAEDIATRIC, NEONATAL...)."""
+    confirm_words: list[str] = []
+    """Words that confirm the anatomy; a description naming one is not refused by a
+    ``refuse_words`` word beside it ("CHEST AND HAND")."""
+    refuse_view_words: list[str] = []
+    """Words in Series Description, Protocol Name or View Code that name a view the model
+    does not read (LATERAL, DECUBITUS...); Study Description is not read for these."""
+    min_age_years: float | None = Field(None, ge=0)
+    """Adult-only models: refuse a patient younger than this (Patient Age, or birth date
+    against study date); an unknown age is accepted."""
+    content_gate: str | None = None
+    """Folder under ``models/gates/`` of the content gate run on the pixels before the
+    model (``radiograph-view``, ``ct-region-contrast``); None: no content gate."""
+    regions: list[Literal["chest", "abdomen", "other"]] = []
+    """CT models: the body regions the content gate must see (empty: any)."""
+
+
 class CtCriteria(_Strict):
-    """Which CT series of a study a volume model accepts (see :mod:`pacsnode.selection`)."""
+    """Which CT series of a study a volume model accepts (see :mod:`pacsnode.selection`);
+    the body part is judged by ``[accepts.scope]``."""
 
     max_slice_thickness_mm: float = Field(3.0, gt=0)
-    body_parts: list[str] = []  # empty: any; "" in the list admits a missing BodyPartExamined
     require_contrast: bool = False
-    """Refuse a series whose header says no contrast was given; a silent header is accepted."""
+    """Refuse a series without intravenous contrast: judged by the content gate when the
+    model has one (headers lie), else from the header (a silent header is accepted)."""
     prefer_contrast: bool = False
     """Rank a series whose header names a contrast agent above one that does not (first rule)."""
     min_slices: int = Field(20, ge=2)
@@ -80,6 +113,7 @@ class Accepts(_Strict):
     modalities: list[str]
     sop_classes: list[str] = []
     view_positions: list[str] = []  # empty: any; "" in the list admits a missing ViewPosition
+    scope: ScopeSpec = ScopeSpec()
     ct: CtCriteria | None = None
     """Set for volume models: one series per study is selected by :mod:`pacsnode.selection`."""
 
@@ -98,6 +132,13 @@ class WeightsSpec(_Strict):
     sha256: str
 
 
+class OodSpec(_Strict):
+    """``[ood]``: the out-of-distribution statistics (:mod:`pacsnode.gates.ood`)."""
+
+    file: str = "ood.safetensors"
+    sha256: str
+
+
 class Manifest(_Strict):
     """The parsed ``manifest.toml`` of one model folder."""
 
@@ -112,6 +153,7 @@ class Manifest(_Strict):
     accepts: Accepts
     input: InputSpec = InputSpec()
     weights: WeightsSpec
+    ood: OodSpec | None = None
     labels: list[LabelSpec]
 
     @property
@@ -136,22 +178,30 @@ class Manifest(_Strict):
         return [label for label in self.labels if label.level == "segment"]
 
 
-def load_manifest(model_dir: Path) -> Manifest:
-    """Parse and validate ``model_dir/manifest.toml``."""
-    path = model_dir / MANIFEST_FILE
+SpecT = TypeVar("SpecT", bound=BaseModel)
+
+
+def load_toml(path: Path, spec: type[SpecT], what: str) -> SpecT:
+    """Parse ``path`` and validate it as ``spec``; every problem is a :class:`ManifestError`
+    naming the file and the key (``what``: "manifest", "gate.toml" in the message)."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise ManifestError(f"{path}: no manifest") from exc
+        raise ManifestError(f"{path}: no {what}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(f"{path}: not valid TOML: {exc}") from exc
     try:
-        return Manifest.model_validate(data)
+        return spec.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
         raise ManifestError(f"{path}: {problems}") from exc
+
+
+def load_manifest(model_dir: Path) -> Manifest:
+    """Parse and validate ``model_dir/manifest.toml``."""
+    return load_toml(model_dir / MANIFEST_FILE, Manifest, "manifest")
 
 
 def sha256_file(path: Path) -> str:
@@ -162,18 +212,29 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verified_weights_path(model_dir: Path, manifest: Manifest) -> Path:
-    """Return the weights path after checking its sha256 against the manifest."""
-    path = model_dir / manifest.weights.file
+def verified_file(path: Path, sha256: str, owner: str, pinned_in: str, fix: str) -> Path:
+    """``path`` after checking it exists and has ``sha256``, the value ``pinned_in`` records;
+    ``owner`` ("model cxr-chexnet") and ``fix`` (what to do) go into the message."""
     if not path.is_file():
-        raise ManifestError(f"model {manifest.name}: weights file {path} is missing")
+        raise ManifestError(f"{owner}: file {path} is missing")
     actual = sha256_file(path)
-    if actual != manifest.weights.sha256:
+    if actual != sha256:
         raise WeightsMismatchError(
-            f"model {manifest.name}: {path} has sha256 {actual}, manifest expects "
-            f"{manifest.weights.sha256}; refusing to load (re-import the weights or fix the manifest)"
+            f"{owner}: {path} has sha256 {actual}, {pinned_in} expects {sha256}; "
+            f"refusing to load ({fix})"
         )
     return path
+
+
+def verified_weights_path(model_dir: Path, manifest: Manifest) -> Path:
+    """Return the weights path after checking its sha256 against the manifest."""
+    return verified_file(
+        model_dir / manifest.weights.file,
+        manifest.weights.sha256,
+        f"model {manifest.name}",
+        "manifest",
+        "re-import the weights or fix the manifest",
+    )
 
 
 def load_enabled(models_dir: Path, names: list[str]) -> list[Manifest]:

@@ -137,6 +137,20 @@ class Metrics:
             ["destination"],
             registry=reg,
         )
+        self.inputs_declined = Counter(
+            "pacsnode_inputs_declined",
+            "Inputs a gate kept from a model, by model and gate: body_part, description, view, "
+            "age (header scope), content, region, contrast (pixels), ood (out of distribution).",
+            ["model", "gate"],
+            registry=reg,
+        )
+        self.inputs_flagged = Counter(
+            "pacsnode_inputs_flagged",
+            "Inputs that failed a gate but were read anyway (on_gate_failure = flag), by model "
+            "and gate; their results are marked outside the validated input range.",
+            ["model", "gate"],
+            registry=reg,
+        )
         self.model_load_seconds = Gauge(
             "pacsnode_model_load_seconds",
             "Time this process took to load the model at start.",
@@ -176,6 +190,12 @@ class Metrics:
         seconds = _seconds(job.series.last_received_at, delivery.delivered_at)
         if seconds is not None:
             self.end_to_end_seconds.labels(job.model_name).observe(seconds)
+
+    def input_declined(self, model: str, gate: str) -> None:
+        self.inputs_declined.labels(model, gate).inc()
+
+    def input_flagged(self, model: str, gate: str) -> None:
+        self.inputs_flagged.labels(model, gate).inc()
 
     def model_loaded(self, model: str, seconds: float) -> None:
         self.model_load_seconds.labels(model).set(seconds)

@@ -1,7 +1,8 @@
 """The job queue: one function changes a job's state; claims are atomic; leases expire.
 
 States: queued → running → succeeded | failed → (retry after backoff) → … → dead
-after ``max_attempts`` or at once on a permanent input error. A job whose worker
+after ``max_attempts`` or at once on a permanent input error; running → declined when a
+gate keeps the input from the model (the reason is ``last_error``; a notice may be sent). A job whose worker
 died keeps ``running`` only until its lease lapses (or at once, when the worker's
 process is known dead on this host), then it is claimable again.
 """
@@ -25,6 +26,7 @@ _ALLOWED: dict[JobState, set[JobState]] = {
     JobState.QUEUED: {JobState.RUNNING, JobState.DEAD, JobState.CANCELLED},
     JobState.RUNNING: {
         JobState.SUCCEEDED,
+        JobState.DECLINED,
         JobState.FAILED,
         JobState.DEAD,
         JobState.QUEUED,
@@ -34,6 +36,7 @@ _ALLOWED: dict[JobState, set[JobState]] = {
     JobState.SUCCEEDED: {JobState.QUEUED},
     JobState.DEAD: {JobState.QUEUED},
     JobState.CANCELLED: {JobState.QUEUED},
+    JobState.DECLINED: {JobState.QUEUED},
 }
 
 
@@ -66,7 +69,7 @@ def transition(
     old = job.state
     job.state = new
     job.updated_at = now
-    if new in (JobState.SUCCEEDED, JobState.DEAD, JobState.CANCELLED):
+    if new in (JobState.SUCCEEDED, JobState.DEAD, JobState.CANCELLED, JobState.DECLINED):
         job.finished_at = now
         job.lease_until = None
     if new is JobState.QUEUED:

@@ -4,20 +4,35 @@ Image models (chest X-ray) take every series they accept. Volume models (CT PE) 
 one series per study, chosen by :mod:`pacsnode.selection` once no other series of the
 study is still arriving. Every decision, yes or no, is recorded with its reason, so
 `pacsnode jobs --study` can answer "why did this study get no result?".
+
+Two kinds of no: the contract (modality, SOP class: the model is not for this kind of
+object at all) and the scope (:mod:`pacsnode.scope`: the model would take this modality,
+but the header puts the input outside what it was made for). A scope refusal is counted
+(``declined``) and, with ``notices``, still gets a job: its worker writes the "not
+analysed" notice (:mod:`pacsnode.writers.notice`) instead of running the model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from pacsnode import eventlog, queue, selection
+from pacsnode import eventlog, queue, scope, selection
 from pacsnode.manifest import CtCriteria, Manifest
 from pacsnode.tables import Instance, Job, RoutingDecision, Series, Study
+
+Declined = Callable[[str, str], None]
+"""Told (model name, refusal kind) for every scope refusal: the metrics count them."""
+
+
+def _ignore(model: str, kind: str) -> None:
+    pass
 
 
 def decide(manifest: Manifest, modality: str, sop_classes: set[str], views: set[str]) -> str | None:
@@ -37,10 +52,40 @@ def decide(manifest: Manifest, modality: str, sop_classes: set[str], views: set[
     return None
 
 
+def header_scope(manifest: Manifest, path: Path, views: set[str]) -> scope.Refusal | None:
+    """The scope refusal of an image series from its views and one instance's header.
+
+    The series is refused for its views only when none is one the model reads (a PA and a
+    lateral in one series go to the worker, which declines the lateral image by image).
+    """
+    accepted = manifest.accepts.view_positions
+    if accepted and not views & set(accepted):
+        shown = ", ".join(sorted(v or "(none)" for v in views))
+        return scope.Refusal("view", f"view position {shown} is not one {manifest.name} reads")
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+    except (OSError, InvalidDicomError, ValueError, EOFError):
+        return None  # the worker reads it again and records what is wrong with it
+    refusal = scope.check(scope.facts(ds), manifest.accepts, manifest.name)
+    if refusal is not None and refusal.kind == "view" and views & set(accepted):
+        return None  # another instance has a view the model reads: judged per image
+    return refusal
+
+
 def route_series(
-    session: Session, series: Series, manifests: Sequence[Manifest], now: datetime
+    session: Session,
+    series: Series,
+    manifests: Sequence[Manifest],
+    now: datetime,
+    *,
+    notices: bool = False,
+    declined: Declined = _ignore,
 ) -> list[Job]:
-    """Create one job per accepting model; record the reason for each model that declined."""
+    """Create one job per accepting model; record the reason for each model that declined.
+
+    ``notices``: a model that declined for scope gets a job all the same, which writes the
+    "not analysed" notice; ``declined`` is told of every scope refusal.
+    """
     rows = session.execute(
         select(Instance.sop_class_uid, Instance.view_position).where(
             Instance.series_id == series.id
@@ -49,18 +94,29 @@ def route_series(
     sop_classes = {r[0] for r in rows}
     views = {(r[1] or "").strip() for r in rows}
     study_uid = session.scalar(select(Study.study_uid).where(Study.id == series.study_id))
+    first = session.scalar(select(func.min(Instance.path)).where(Instance.series_id == series.id))
     jobs = []
     for manifest in manifests:
-        reason = decide(manifest, series.modality, sop_classes, views)
+        reason = decide(manifest, series.modality, sop_classes, set())
         if not rows:  # each instance was re-sent in another series (routed on its own)
             reason = f"series {series.series_uid} has no instances left; nothing to route"
         if reason is None and manifest.accepts.ct is not None:
-            jobs.extend(_select_in_study(session, series, manifest, manifest.accepts.ct, now))
+            jobs.extend(
+                _select_in_study(
+                    session, series, manifest, manifest.accepts.ct, now, notices, declined
+                )
+            )
             continue
+        refusal = None
+        if reason is None and first is not None:
+            refusal = header_scope(manifest, Path(first), views)
+        if refusal is not None:
+            reason = refusal.reason
+            declined(manifest.name, refusal.kind)
         _record(session, series.id, manifest, reason, now)
-        if reason is None:
+        if reason is None or (refusal is not None and notices):
             jobs.append(queue.enqueue(session, series.id, manifest.name, manifest.version, now))
-        else:
+        if reason is not None:
             eventlog.record(
                 session,
                 "routing-declined",
@@ -90,7 +146,13 @@ def _record(
 
 
 def _select_in_study(
-    session: Session, series: Series, manifest: Manifest, criteria: CtCriteria, now: datetime
+    session: Session,
+    series: Series,
+    manifest: Manifest,
+    criteria: CtCriteria,
+    now: datetime,
+    notices: bool,
+    declined: Declined,
 ) -> list[Job]:
     """Choose one series of the study for a volume model, once the study has settled.
 
@@ -123,7 +185,22 @@ def _select_in_study(
         return []
     complete = [s for s in siblings if s.completed_at is not None and s.instance_count > 0]
     summaries = {s.id: _summary(session, s) for s in complete}
-    choice = selection.choose(list(summaries.values()), criteria)
+    refusals: dict[str, scope.Refusal] = {}
+
+    def in_scope(summary: selection.SeriesSummary) -> str | None:
+        if summary.facts is None:
+            return None
+        refusal = scope.check(summary.facts, manifest.accepts, manifest.name)
+        if refusal is not None:
+            refusals[summary.series_uid] = refusal
+        return refusal.reason if refusal is not None else None
+
+    if manifest.accepts.scope.content_gate is not None:
+        # the content gate sees the contrast in the pixels; a header that lies must not
+        # refuse the series first (prefer_contrast still ranks by the header, and the
+        # worker corrects the choice when the pixels disagree)
+        criteria = criteria.model_copy(update={"require_contrast": False})
+    choice = selection.choose(list(summaries.values()), criteria, in_scope)
     jobs = []
     for s in complete:
         reason = choice.reasons.get(summaries[s.id].series_uid, "not considered")
@@ -164,7 +241,26 @@ def _select_in_study(
             now,
             study_uid=study_uid,
         )
+        for refusal in refusals.values():
+            declined(manifest.name, refusal.kind)
+        notice_on = _notice_series(complete, summaries, refusals)
+        if notices and notice_on is not None:
+            jobs.append(queue.enqueue(session, notice_on.id, manifest.name, manifest.version, now))
     return jobs
+
+
+def _notice_series(
+    complete: Sequence[Series],
+    summaries: dict[int, selection.SeriesSummary],
+    refusals: dict[str, scope.Refusal],
+) -> Series | None:
+    """The series whose scope refusal speaks for the study: the largest refused for scope.
+
+    None when no series was refused for scope (too thick, too few slices, localizers only:
+    the model would not normally take this study, so no notice is written).
+    """
+    refused = [s for s in complete if summaries[s.id].series_uid in refusals]
+    return max(refused, key=lambda s: (s.instance_count, -s.id), default=None)
 
 
 def _summary(session: Session, series: Series) -> selection.SeriesSummary:

@@ -3,7 +3,8 @@
 A CT study usually holds a scout, thick and thin reconstructions and lung and
 soft-tissue kernels of the same acquisition. A volume model (its manifest has
 ``[accepts.ct]``) runs on one of them. Each series is first *qualified* against the
-manifest (axial, not a localizer, slice thickness, body part, contrast, enough slices);
+manifest (axial, not a localizer, slice thickness, the header scope of
+:mod:`pacsnode.scope` — body part, descriptions, age —, contrast, enough slices);
 among the qualifying series the rule is, in order:
 
 0. only for a model whose criteria say ``prefer_contrast`` (the kidney model): a series
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from pacsnode import scope
 from pacsnode.manifest import CtCriteria
 
 KERNEL_RANK = {"soft-tissue": 0, "unknown": 1, "lung": 2, "bone": 3}
@@ -56,6 +58,7 @@ class SeriesSummary:
     body_part: str
     contrast_agent: str | None  # None: the header does not say
     kernel: str
+    facts: scope.HeaderFacts | None = None  # what the model's header scope reads
 
     @property
     def kernel_family(self) -> str:
@@ -133,6 +136,7 @@ def summarize(ds: Dataset, slices: int) -> SeriesSummary:
         body_part=str(ds.get("BodyPartExamined", "")).strip().upper(),
         contrast_agent=None if agent is None else str(agent).strip(),
         kernel=kernel.strip(),
+        facts=scope.facts(ds),
     )
 
 
@@ -157,7 +161,13 @@ def read_summary(path: Path, slices: int) -> SeriesSummary:
     return summarize(ds, slices)
 
 
-def qualify(summary: SeriesSummary, criteria: CtCriteria) -> str | None:
+ScopeCheck = Callable[[SeriesSummary], str | None]
+"""The model's header scope (:func:`pacsnode.scope.check`) as a reason or None."""
+
+
+def qualify(
+    summary: SeriesSummary, criteria: CtCriteria, in_scope: ScopeCheck | None = None
+) -> str | None:
     """None when the series may be chosen, else why not (a phrase a person can read)."""
     if summary.description.startswith("unreadable header"):
         return summary.description
@@ -172,8 +182,9 @@ def qualify(summary: SeriesSummary, criteria: CtCriteria) -> str | None:
             f"slice thickness {summary.slice_thickness:g} mm is above the "
             f"{criteria.max_slice_thickness_mm:g} mm limit"
         )
-    if criteria.body_parts and summary.body_part not in criteria.body_parts:
-        return f"body part {summary.body_part or '(none)'} not accepted"
+    refusal = in_scope(summary) if in_scope is not None else None
+    if refusal is not None:
+        return refusal
     if criteria.require_contrast and says_no_contrast(summary.contrast_agent):
         return f"header says no contrast (Contrast/Bolus Agent {summary.contrast_agent!r})"
     if summary.slices < criteria.min_slices:
@@ -189,12 +200,14 @@ def says_no_contrast(agent: str | None) -> bool:
     return text in _NO_CONTRAST or text.startswith(("NO ", "NON "))
 
 
-def choose(summaries: Sequence[SeriesSummary], criteria: CtCriteria) -> Selection:
+def choose(
+    summaries: Sequence[SeriesSummary], criteria: CtCriteria, in_scope: ScopeCheck | None = None
+) -> Selection:
     """Apply :func:`qualify` to each series and the documented rule to those that pass."""
     reasons: dict[str, str] = {}
     qualifying = []
     for summary in summaries:
-        reason = qualify(summary, criteria)
+        reason = qualify(summary, criteria, in_scope)
         if reason is None:
             qualifying.append(summary)
         else:

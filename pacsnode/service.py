@@ -60,7 +60,16 @@ class Intake:
         with self.sessions.begin() as session:
             for series in completion.complete_due_series(session, self.config.completion, now):
                 self.metrics.series_completed(series)
-                jobs += len(routing.route_series(session, series, self.manifests, now))
+                jobs += len(
+                    routing.route_series(
+                        session,
+                        series,
+                        self.manifests,
+                        now,
+                        notices=self.config.outputs.not_analysed,
+                        declined=self.metrics.input_declined,
+                    )
+                )
         return jobs
 
     def wait_hint(self) -> float:

@@ -32,6 +32,7 @@ class JobState(enum.StrEnum):
     FAILED = "failed"  # will be retried after not_before
     DEAD = "dead"  # gave up: max attempts or a permanent input error
     CANCELLED = "cancelled"  # stopped by an administrator (`pacsnode cancel`); requeue revives
+    DECLINED = "declined"  # a gate kept the input from the model; its reason is last_error
 
 
 class DeliveryState(enum.StrEnum):

@@ -21,15 +21,19 @@ from pacsnode.worker import Worker
 NOW = datetime(2026, 5, 6, 7, 8, 9)
 
 
-def cxr_node(root: Path, heatmaps: str) -> tuple[Config, sessionmaker[Session]]:
-    """Config (chest X-ray model, CPU, ``[outputs] heatmaps``) and sessions of a migrated
-    database under ``root``; the spool folder exists."""
+def cxr_node(
+    root: Path, heatmaps: str, gate_policy: str = "flag"
+) -> tuple[Config, sessionmaker[Session]]:
+    """Config (chest X-ray model, CPU, ``[outputs] heatmaps``, ``on_gate_failure`` as in
+    :class:`nodeproc.NodeProcess`) and sessions of a migrated database under ``root``; the
+    spool folder exists."""
     spool = root / "spool"
     spool.mkdir(parents=True)
     config = parse_config(
         f'[storage]\nspool_dir = "{spool}"\noutput_dir = "{root / "outputs"}"\n'
         f'database_url = "sqlite:///{root / "db.sqlite"}"\n'
         f'[models]\ndir = "{MODELS_DIR}"\nenabled = ["cxr-chexnet"]\ndevice = "cpu"\n'
+        f'on_gate_failure = {{ default = "{gate_policy}" }}\n'
         f"[outputs]\nheatmaps = {heatmaps}\n"
     )
     engine = make_engine(config.storage.database_url)

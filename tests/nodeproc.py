@@ -41,9 +41,15 @@ class NodeProcess:
         extra_toml: str = "",
         node_toml: str = "",
         probe_args: Sequence[str] = (),
+        gate_policy: str = "flag",
     ) -> None:
         """``node_toml``: more ``[node]`` keys (limits, timeouts); ``probe_args``: extra
-        echoscu arguments for the start-up probe (``+tls key cert ...`` on a TLS node)."""
+        echoscu arguments for the start-up probe (``+tls key cert ...`` on a TLS node).
+
+        ``gate_policy``: ``[models] on_gate_failure`` for every model. "flag" by default:
+        about 1 % of in-distribution phantoms fail the out-of-distribution gate by design,
+        and tests of other stages must not depend on which; the gate tests pass "decline".
+        """
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
@@ -69,6 +75,7 @@ class NodeProcess:
             f"dir = {_toml_value(MODELS_DIR)}",
             f"enabled = {_toml_value(list(enabled))}",
             'device = "cpu"',
+            f'on_gate_failure = {{ default = "{gate_policy}" }}',
             "[metrics]",
             "port = 0",  # any free port, logged: test nodes never collide (metrics_url)
         ]

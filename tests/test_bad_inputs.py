@@ -179,6 +179,8 @@ def outcome(node: NodeProcess, case: Case) -> tuple[str, str] | None:
             return None
         if job.state is JobState.DEAD:
             return DEAD, job.last_error or ""
+        if job.state is JobState.DECLINED:  # a gate declined; the notice was written
+            return DECLINED, job.last_error or ""
         if job.state is JobState.SUCCEEDED:
             srs = [o.path for o in s.scalars(select(Output).where(Output.job_id == job.id))]
             return SR, next(p for p in srs if p)

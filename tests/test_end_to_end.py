@@ -230,6 +230,9 @@ def test_cli_reports_models_and_rejects_bad_config(tmp_path: Path) -> None:
     models = node.cli_json("models", "list")
     (cxr,) = [m for m in models if m["name"] == "cxr-chexnet"]
     assert cxr["weights"] == "ok" and cxr["enabled"] is True
+    assert cxr["gates"] == "header scope, content: radiograph-view, out of distribution"
+    (gate,) = [m for m in models if m["name"] == "gates/radiograph-view"]
+    assert gate["weights"] == "ok" and gate["reported"] == "content gate of cxr-chexnet"
     bad = tmp_path / "bad.toml"
     bad.write_text('[storage]\nspool = "x"\n')
     proc = node.cli("--config", str(bad), "config", "check")

@@ -122,7 +122,7 @@ def test_routing_records_reasons_and_creates_one_job(sessions: sessionmaker[Sess
         assert reasons == [
             "modality DX not accepted by ctonly",
             "modality DX not accepted by ctonly",
-            "view position LL not accepted by cxr",
+            "view position LL is not one cxr reads",
         ]
 
 

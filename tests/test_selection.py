@@ -11,16 +11,17 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacsnode import completion, routing, selection
+from pacsnode import completion, routing, scope, selection
 from pacsnode.config import CompletionConfig
 from pacsnode.db import make_engine, make_sessionmaker, upgrade
-from pacsnode.manifest import Accepts, CtCriteria, LabelSpec, Manifest, WeightsSpec
+from pacsnode.manifest import Accepts, CtCriteria, LabelSpec, Manifest, ScopeSpec, WeightsSpec
 from pacsnode.receiver import InstanceHeader, record_instance
 from pacsnode.tables import Job, JobState, RoutingDecision, Series
 
 T0 = datetime(2026, 1, 1, 8, 0, 0)
 STUDY = "1.2.826.0.1.3680043.10.1.1"
-CRITERIA = CtCriteria(max_slice_thickness_mm=3.0, body_parts=["CHEST", ""], require_contrast=True)
+CRITERIA = CtCriteria(max_slice_thickness_mm=3.0, require_contrast=True)
+SCOPE = ScopeSpec(body_parts=["CHEST"])
 
 
 def pe_manifest() -> Manifest:
@@ -29,7 +30,7 @@ def pe_manifest() -> Manifest:
         version="1",
         kind="ct-pe-2d-gru",
         synthetic=True,
-        accepts=Accepts(modalities=["CT"], sop_classes=[CT_IMAGE], ct=CRITERIA),
+        accepts=Accepts(modalities=["CT"], sop_classes=[CT_IMAGE], ct=CRITERIA, scope=SCOPE),
         weights=WeightsSpec(sha256="0" * 64),
         labels=[LabelSpec(name="pe_present_on_image")],
     )
@@ -82,9 +83,15 @@ def test_kernel_family(kernel: str, description: str, family: str) -> None:
     assert selection.kernel_family(kernel, description) == family
 
 
+def in_scope(s: selection.SeriesSummary) -> str | None:
+    assert s.facts is not None
+    refusal = scope.check(s.facts, pe_manifest().accepts, "ct-pe")
+    return refusal.reason if refusal else None
+
+
 def test_qualify_names_each_reason() -> None:
     ok = summary(ct_header(series_uid="1.1", number=2))
-    assert selection.qualify(ok, CRITERIA) is None
+    assert selection.qualify(ok, CRITERIA, in_scope) is None
     cases = {
         "localizer": ct_header(
             series_uid="1.2", number=1, image_type="ORIGINAL\\PRIMARY\\LOCALIZER"
@@ -95,7 +102,7 @@ def test_qualify_names_each_reason() -> None:
         "coronal slices": ct_header(series_uid="1.6", number=6, orientation=(1, 0, 0, 0, 0, -1)),
     }
     for expected, ds in cases.items():
-        reason = selection.qualify(summary(ds), CRITERIA)
+        reason = selection.qualify(summary(ds), CRITERIA, in_scope)
         assert reason is not None and expected in reason, (expected, reason)
     few = summary(ct_header(series_uid="1.7", number=7), slices=5)
     assert "5 slices" in (selection.qualify(few, CRITERIA) or "")

@@ -32,6 +32,8 @@ class ImageResult:
     sop_class_uid: str
     probabilities: dict[str, float]
     heatmaps: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
+    features: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """The network's penultimate features of the image, for the out-of-distribution gate."""
 
 
 def heatmap_on_source(coarse: np.ndarray, rows: int, columns: int) -> np.ndarray:
@@ -101,13 +103,20 @@ def load_weights(
 ) -> NetworkT:
     """``network`` with the verified weights of ``model_dir``, on ``device``, in eval mode;
     a file that does not fit the architecture is a :class:`ManifestError` naming it."""
+    path = verified_weights_path(model_dir, manifest)
+    return load_state(network, path, f"model {manifest.name}", device)
+
+
+def load_state(network: NetworkT, path: Path, owner: str, device: torch.device) -> NetworkT:
+    """``network`` with the (already verified) safetensors weights ``path``, on ``device``,
+    in eval mode; ``owner`` ("gate radiograph-view") names it when the file does not fit."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = verified_weights_path(model_dir, manifest)
     try:
         network.load_state_dict(load_file(str(path)), strict=True)
-    except RuntimeError as exc:
-        raise ManifestError(f"model {manifest.name}: {path} does not fit: {exc}") from exc
+    except (RuntimeError, ValueError, SafetensorError) as exc:
+        raise ManifestError(f"{owner}: {path} does not fit: {exc}") from exc
     network.to(device).eval()
     return network
 

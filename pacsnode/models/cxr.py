@@ -98,32 +98,56 @@ class ChexNetClassifier(ImageClassifier):
         if not datasets:
             return []
         inputs = torch.stack([preprocess(ds, self.manifest.input) for ds in datasets])
+        pooled: list[torch.Tensor] = []
         if heatmaps:
-            probs, maps = self.predict_tensors_with_heatmaps(inputs)
+            probs, maps = self.predict_tensors_with_heatmaps(inputs, features_out=pooled)
         else:
-            probs, maps = self.predict_tensors(inputs), [{} for _ in datasets]
+            probs = self.predict_tensors(inputs, features_out=pooled)
+            maps = [{} for _ in datasets]
         names = self.manifest.label_names
+        features = torch.cat(pooled).numpy()
         return [
             ImageResult(
                 sop_instance_uid=str(ds.SOPInstanceUID),
                 sop_class_uid=str(ds.SOPClassUID),
                 probabilities={name: float(p) for name, p in zip(names, row, strict=True)},
                 heatmaps=image_maps,
+                features=feature,
             )
-            for ds, row, image_maps in zip(datasets, probs.tolist(), maps, strict=True)
+            for ds, row, image_maps, feature in zip(
+                datasets, probs.tolist(), maps, features, strict=True
+            )
         ]
 
-    def predict_tensors(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Sigmoid probabilities for preprocessed inputs, in chunks of ``batch_size``."""
+    def predict_tensors(
+        self, inputs: torch.Tensor, *, features_out: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Sigmoid probabilities for preprocessed inputs, in chunks of ``batch_size``;
+        ``features_out`` gets the pooled penultimate features (1024 per image) of each chunk,
+        what the out-of-distribution gate measures (:mod:`pacsnode.gates.ood`)."""
         outputs = []
         with torch.inference_mode():
             for start in range(0, inputs.shape[0], self.manifest.batch_size):
                 chunk = inputs[start : start + self.manifest.batch_size].to(self.device)
-                outputs.append(torch.sigmoid(self.network(chunk)).float().cpu())
+                logits = self._head(self._part("features")(chunk), features_out)
+                outputs.append(torch.sigmoid(logits).float().cpu())
         return torch.cat(outputs)
 
+    def _head(self, hidden: torch.Tensor, features_out: list[torch.Tensor] | None) -> torch.Tensor:
+        """``class_layers`` step by step (ReLU, pool, flatten, linear: the same operations
+        as its forward), keeping the pooled features when asked."""
+        layers = dict(self._part("class_layers").named_children())
+        pooled = layers["flatten"](layers["pool"](layers["relu"](hidden)))
+        if features_out is not None:
+            features_out.append(pooled.detach().float().cpu())
+        return cast(torch.Tensor, layers["out"](pooled))
+
     def predict_tensors_with_heatmaps(
-        self, inputs: torch.Tensor, labels: Sequence[str] | None = None
+        self,
+        inputs: torch.Tensor,
+        labels: Sequence[str] | None = None,
+        *,
+        features_out: list[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[dict[str, np.ndarray]]]:
         """:meth:`predict_tensors` plus, per image, the fused Grad-CAM map (28x28, see the module
         docstring) of every reported label at or above its threshold, or of each of
@@ -149,7 +173,7 @@ class ChexNetClassifier(ImageClassifier):
                     hidden = layer(hidden)
                     if name in CAM_LAYERS:
                         taps[name] = hidden
-                logits = self._part("class_layers")(hidden.clone())  # its ReLU is in place
+                logits = self._head(hidden.clone(), features_out)  # its ReLU is in place
             probs = torch.sigmoid(logits.detach()).float().cpu()
             outputs.append(probs)
             with torch.enable_grad():  # whatever grad mode the caller runs in

@@ -318,8 +318,9 @@ def _random_axes(rng: np.random.Generator) -> Axes:
 # ---------------------------------------------------------------- case generation
 
 
-class _Draw:
-    """Uniform draws; HU draws take one number whatever ``contrast`` is (same geometry)."""
+class PhaseDraw:
+    """Uniform draws; HU draws take one number whatever ``contrast`` is, so a seed gives the
+    same anatomy in both phases (the other CT phantoms draw with it too)."""
 
     def __init__(self, rng: np.random.Generator, contrast: bool) -> None:
         self.rng = rng
@@ -370,7 +371,7 @@ def make_abdomen_case(
     if kind not in KINDS:
         raise ValueError(f"kind: {kind!r} is not one of {KINDS}")
     contrast = drawn_contrast if contrast is None else bool(contrast)
-    d = _Draw(rng, contrast)
+    d = PhaseDraw(rng, contrast)
 
     s = d.u(0.9, 1.1)
     cx, cy = d.u(-12.0, 12.0), d.u(-15.0, 10.0)
