@@ -88,6 +88,7 @@ class HeaderFacts:
     view_texts: tuple[tuple[str, str], ...]
     view_position: str
     age_years: float | None
+    age_text: str = ""  # Patient Age as written (e.g. "000Y"), "" when the age came from dates
 
 
 def normalise(text: object) -> str:
@@ -124,6 +125,7 @@ def facts(ds: Dataset) -> HeaderFacts:
         view_texts=tuple((name, normalise(v)) for name, v in view if normalise(v)),
         view_position=normalise(ds.get("ViewPosition")),
         age_years=patient_age_years(ds),
+        age_text=str(ds.get("PatientAge", "") or "").strip(),
     )
 
 
@@ -195,10 +197,11 @@ def check(header: HeaderFacts, accepts: Accepts, model: str) -> Refusal | None:
         return Refusal("view", f"view position {shown} is not one {model} reads")
     age, floor = header.age_years, spec.min_age_years
     if floor is not None and age is not None and age < floor:
+        written = f" (Patient Age {header.age_text})" if header.age_text else ""
         return Refusal(
             "age",
-            f"patient age {_years(age)} is below this model's floor of {floor:g} years "
-            "(adult-only)",
+            f"patient age {_years(age)}{written} is below this model's floor of {floor:g} "
+            "years (adult-only)",
         )
     return None
 
@@ -213,7 +216,7 @@ def _has_word(text: str, words: Iterable[str]) -> str | None:
 
 
 def _years(age: float) -> str:
-    if age >= 2:
+    if age >= 2 or age == 0:
         return f"{int(age)} years"
     months = age * 12
     return f"{int(months)} months" if months >= 1 else f"{int(age * 365.25)} days"

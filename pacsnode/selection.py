@@ -34,6 +34,8 @@ from pydicom.errors import InvalidDicomError
 from pacsnode import scope
 from pacsnode.manifest import CtCriteria
 
+NOT_ELIGIBLE = "not eligible: "
+"""How a refused series' recorded reason starts (the notice drops it)."""
 KERNEL_RANK = {"soft-tissue": 0, "unknown": 1, "lung": 2, "bone": 3}
 
 _LUNG_WORDS = ("LUNG", "PULMO", "CHEST")
@@ -211,7 +213,7 @@ def choose(
         if reason is None:
             qualifying.append(summary)
         else:
-            reasons[summary.series_uid] = f"not eligible: {reason}"
+            reasons[summary.series_uid] = f"{NOT_ELIGIBLE}{reason}"
     if not qualifying:
         return Selection(None, reasons)
     ranked = sorted(qualifying, key=lambda summary: _rank(summary, criteria))

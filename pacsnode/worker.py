@@ -60,6 +60,7 @@ from pacsnode.models.base import (
     VolumeSegmenter,
     default_device,
 )
+from pacsnode.selection import NOT_ELIGIBLE
 from pacsnode.spool import write_durably
 from pacsnode.tables import (
     Delivery,
@@ -230,8 +231,8 @@ class Worker:
                     )
                 )
                 declined = None
-                if decision is not None and not decision.accepted:
-                    declined = decision.reason
+                if decision is not None and not decision.accepted:  # routing's scope refusal
+                    declined = decision.reason.removeprefix(NOT_ELIGIBLE)
                 tickets.append(
                     Ticket(
                         job.id,

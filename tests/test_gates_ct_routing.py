@@ -9,11 +9,13 @@ enabled and ``on_gate_failure = "decline"``.
 
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from nodeproc import MODELS_DIR
+from peers import dciodvfy
 from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -186,3 +188,34 @@ def test_swapped_phase_labels_do_not_choose_the_kidney_series(node, tmp_path: Pa
         )
         assert decision is not None and decision.accepted
         assert decision.reason.startswith("selected by the content gate")
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "693_UNCR.dcm", "J2K_pixelrep_mismatch.dcm"])
+def test_real_ct_slices_get_a_recorded_reason(node, tmp_path: Path, name: str) -> None:
+    """Real single CT slices from pydicom and pydicom-data: no model runs on one slice, and
+    each model's reason is recorded in words; nothing dies. A slice whose header puts it out
+    of a model's scope (J2K_pixelrep_mismatch: HEAD) gets that model's notice, which is
+    valid DICOM."""
+    from pydicom.data import get_testdata_file
+
+    config, sessions = node
+    path = tmp_path / name
+    shutil.copy(get_testdata_file(name), path)
+    _receive(sessions, (path,))
+    jobs = _run(config, sessions)
+    assert all(job.state is not JobState.DEAD for job in jobs.values()), jobs
+    with sessions() as session:
+        reasons = {d.model_name: d.reason for d in session.scalars(select(RoutingDecision))}
+    assert set(reasons) == {"ct-pe", "ct-kidney"}
+    for model, reason in reasons.items():
+        assert reason.startswith("not eligible: "), (model, reason)
+        assert "Error" not in reason
+    for (_, model), job in jobs.items():  # only scope refusals make a job: the notice
+        assert job.state is JobState.DECLINED, (model, job.state)
+        assert job.last_error == reasons[model].removeprefix("not eligible: ")
+        assert _kinds(sessions, job) == ["notice", "notice-sc"]
+    with sessions() as session:
+        for output in session.scalars(select(Output)):
+            errors, _ = dciodvfy(Path(output.path))
+            assert errors == [], (output.kind, errors)
+    print(name, {m: (r, (m in {k[1] for k in jobs})) for m, r in reasons.items()})
