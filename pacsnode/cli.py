@@ -21,8 +21,9 @@ from rich.table import Table
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from pacsnode import admin, logformat
-from pacsnode.config import DEFAULT_CONFIG, Config, load_config
+from pacsnode import __version__, admin, logformat
+from pacsnode.config import Config, load_config
+from pacsnode.config import config_path as resolve_config_path
 from pacsnode.db import make_engine, make_sessionmaker, upgrade, utcnow
 from pacsnode.errors import AdminError, PacsnodeError
 from pacsnode.manifest import load_manifest, sha256_file
@@ -83,17 +84,18 @@ class _Main(click.Group):
 
 
 @click.group(cls=_Main)
+@click.version_option(__version__, prog_name="pacsnode")
 @click.option(
     "--config",
     "config_path",
     type=click.Path(path_type=Path),
-    default=DEFAULT_CONFIG,
-    show_default=True,
-    help="Configuration file used by every subcommand.",
+    default=None,
+    help="Configuration file used by every subcommand [default: $PACSNODE_CONFIG, else "
+    "config/pacsnode.toml, else /etc/pacsnode/pacsnode.toml].",
 )
 @click.option("--log-level", default=None, help="Override [logging] level.")
 @click.pass_context
-def main(ctx: click.Context, config_path: Path, log_level: str | None) -> None:
+def main(ctx: click.Context, config_path: Path | None, log_level: str | None) -> None:
     """pacsnode: a DICOM AI inference node.
 
     Every command takes --help; listing commands take --json for scripts.
@@ -110,7 +112,7 @@ def main(ctx: click.Context, config_path: Path, log_level: str | None) -> None:
     Example:
       pacsnode --config /etc/pacsnode/pacsnode.toml status
     """
-    ctx.ensure_object(dict)["config_path"] = config_path
+    ctx.ensure_object(dict)["config_path"] = resolve_config_path(config_path)
     ctx.obj["log_level"] = log_level
 
 

@@ -6,8 +6,10 @@ from (the repository root for ``make run``), so ``var/`` stays next to the check
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -25,6 +27,24 @@ from pydantic import (
 from pacsnode.errors import ConfigError
 
 DEFAULT_CONFIG = Path("config/pacsnode.toml")
+"""A checkout's configuration, relative to the working directory (``make run``)."""
+SYSTEM_CONFIG = Path("/etc/pacsnode/pacsnode.toml")
+"""An installed node's configuration (the systemd units pass it with ``--config``)."""
+CONFIG_ENV = "PACSNODE_CONFIG"
+
+
+def config_path(explicit: Path | None, environ: Mapping[str, str] = os.environ) -> Path:
+    """Which configuration file a command reads: ``--config``, else ``$PACSNODE_CONFIG``,
+    else ``config/pacsnode.toml`` in the working directory, else ``/etc/pacsnode/pacsnode.toml``
+    when it exists; failing all, the checkout's path, so the error names a file."""
+    if explicit is not None:
+        return explicit
+    if environ.get(CONFIG_ENV):
+        return Path(environ[CONFIG_ENV])
+    if not DEFAULT_CONFIG.is_file() and SYSTEM_CONFIG.is_file():
+        return SYSTEM_CONFIG
+    return DEFAULT_CONFIG
+
 
 _AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
 
