@@ -49,8 +49,8 @@ run: install
 	exec $(BIN)/pacsnode --config $(CONFIG) serve
 
 lint: install-test
-	$(BIN)/ruff check pacsnode tests migrations benchmarks
-	$(BIN)/ruff format --check pacsnode tests migrations benchmarks
+	$(BIN)/ruff check pacsnode tests benchmarks
+	$(BIN)/ruff format --check pacsnode tests benchmarks
 
 typecheck: install-test
 	$(BIN)/mypy pacsnode

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pacsnode.tables import Delivery, DeliveryState, Job, JobState
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 def utcnow() -> datetime:
