@@ -220,4 +220,3 @@ def test_real_ct_slices_get_a_recorded_reason(node, tmp_path: Path, name: str) -
         for output in session.scalars(select(Output)):
             errors, _ = dciodvfy(Path(output.path))
             assert errors == [], (output.kind, errors)
-    print(name, {m: (r, (m in {k[1] for k in jobs})) for m, r in reasons.items()})
