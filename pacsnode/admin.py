@@ -187,7 +187,8 @@ def replay(
         first = session.scalar(
             select(func.min(Instance.path)).where(Instance.series_id == series.id)
         )
-        refusal = routing.header_scope(manifest, Path(first), views) if first else None
+        facts = routing.read_facts(Path(first)) if first else None
+        refusal = routing.header_scope(manifest, facts, views)
         reason = refusal.reason if refusal is not None else None
     if reason is not None and not force:
         raise AdminError(f"{reason}; --force runs it anyway")

@@ -7,7 +7,6 @@ import re
 import signal
 import sys
 import threading
-import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -26,7 +25,8 @@ from pacsnode.config import Config, load_config
 from pacsnode.config import config_path as resolve_config_path
 from pacsnode.db import make_engine, make_sessionmaker, upgrade, utcnow
 from pacsnode.errors import AdminError, PacsnodeError
-from pacsnode.manifest import load_manifest, sha256_file
+from pacsnode.gates import GATE_FILE, gate_header, verified_gate_weights
+from pacsnode.manifest import Manifest, load_manifest, sha256_file
 from pacsnode.service import COMPONENTS, Node
 from pacsnode.tables import (
     AssociationLog,
@@ -781,6 +781,7 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
     """
     config = _config(ctx)
     rows: list[dict[str, Any]] = []
+    gate_users: dict[str, list[str]] = {}
     for folder in sorted(p for p in config.models.dir.iterdir() if (p / "manifest.toml").is_file()):
         try:
             m = load_manifest(folder)
@@ -789,6 +790,9 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
             continue
         weights = folder / m.weights.file
         ok = weights.is_file() and sha256_file(weights) == m.weights.sha256
+        gate = m.accepts.scope.content_gate
+        if gate and m.name in config.models.enabled:
+            gate_users.setdefault(gate, []).append(m.name)
         rows.append(
             {
                 "name": m.name,
@@ -798,15 +802,15 @@ def models_list(ctx: click.Context, as_json: bool) -> None:
                 "weights": "ok" if ok else "MISMATCH or missing",
                 "training": "synthetic phantoms (not clinical)" if m.synthetic else "site weights",
                 "reported": ", ".join(label.name for label in m.reported_labels),
-                "gates": ", ".join(_gates_of(folder, m)),
+                "gates": ", ".join(_gates_of(m)),
             }
         )
-    for folder in sorted((config.models.dir / "gates").glob("*/gate.toml")):
-        rows.append(_gate_row(folder.parent, config.models.enabled, config.models.dir))
+    for path in sorted((config.models.dir / "gates").glob(f"*/{GATE_FILE}")):
+        rows.append(_gate_row(path.parent, gate_users.get(path.parent.name, [])))
     _emit(rows, as_json, "models")
 
 
-def _gates_of(folder: Path, manifest: Any) -> list[str]:
+def _gates_of(manifest: Manifest) -> list[str]:
     """What keeps a model off inputs it was not made for, in a few words."""
     scope = manifest.accepts.scope
     gates = ["header scope"] if scope.body_parts or scope.refuse_words else []
@@ -817,30 +821,24 @@ def _gates_of(folder: Path, manifest: Any) -> list[str]:
     return gates
 
 
-def _gate_row(folder: Path, enabled: list[str], models_dir: Path) -> dict[str, Any]:
+def _gate_row(folder: Path, users: list[str]) -> dict[str, Any]:
     """A content gate's row: whether its weights match, and which enabled models use it."""
     try:
-        spec = tomllib.loads((folder / "gate.toml").read_text(encoding="utf-8"))
-        weights = folder / spec["weights"]["file"]
-        ok = weights.is_file() and sha256_file(weights) == spec["weights"]["sha256"]
-    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
-        return {"name": f"gates/{folder.name}", "error": f"unreadable gate.toml: {exc}"}
-    users = []
-    for name in enabled:
-        try:
-            if load_manifest(models_dir / name).accepts.scope.content_gate == folder.name:
-                users.append(name)
-        except PacsnodeError:
-            continue
+        spec = gate_header(folder)
+    except PacsnodeError as exc:
+        return {"name": f"gates/{folder.name}", "error": str(exc)}
+    try:
+        verified_gate_weights(folder, spec.name, spec.weights.file, spec.weights.sha256)
+        ok = True
+    except PacsnodeError:
+        ok = False
     return {
-        "name": f"gates/{spec.get('name', folder.name)}",
-        "version": spec.get("version", ""),
-        "kind": spec.get("kind", ""),
+        "name": f"gates/{spec.name}",
+        "version": spec.version,
+        "kind": spec.kind,
         "enabled": bool(users),
         "weights": "ok" if ok else "MISMATCH or missing",
-        "training": "synthetic phantoms (not clinical)"
-        if spec.get("synthetic")
-        else "site weights",
+        "training": "synthetic phantoms (not clinical)" if spec.synthetic else "site weights",
         "reported": "content gate of " + (", ".join(users) or "no enabled model"),
         "gates": "",
     }

@@ -52,8 +52,19 @@ def decide(manifest: Manifest, modality: str, sop_classes: set[str], views: set[
     return None
 
 
-def header_scope(manifest: Manifest, path: Path, views: set[str]) -> scope.Refusal | None:
-    """The scope refusal of an image series from its views and one instance's header.
+def read_facts(path: Path) -> scope.HeaderFacts | None:
+    """The header scope facts of one spooled instance; None when it cannot be read (the
+    worker reads it again and records what is wrong with it)."""
+    try:
+        return scope.facts(dcmread(path, stop_before_pixels=True))
+    except (OSError, InvalidDicomError, ValueError, EOFError):
+        return None
+
+
+def header_scope(
+    manifest: Manifest, facts: scope.HeaderFacts | None, views: set[str]
+) -> scope.Refusal | None:
+    """The scope refusal of an image series from its views and one instance's header facts.
 
     The series is refused for its views only when none is one the model reads (a PA and a
     lateral in one series go to the worker, which declines the lateral image by image).
@@ -62,11 +73,9 @@ def header_scope(manifest: Manifest, path: Path, views: set[str]) -> scope.Refus
     if accepted and not views & set(accepted):
         shown = ", ".join(sorted(v or "(none)" for v in views))
         return scope.Refusal("view", f"view position {shown} is not one {manifest.name} reads")
-    try:
-        ds = dcmread(path, stop_before_pixels=True)
-    except (OSError, InvalidDicomError, ValueError, EOFError):
-        return None  # the worker reads it again and records what is wrong with it
-    refusal = scope.check(scope.facts(ds), manifest.accepts, manifest.name)
+    if facts is None:
+        return None
+    refusal = scope.check(facts, manifest.accepts, manifest.name)
     if refusal is not None and refusal.kind == "view" and views & set(accepted):
         return None  # another instance has a view the model reads: judged per image
     return refusal
@@ -95,6 +104,11 @@ def route_series(
     views = {(r[1] or "").strip() for r in rows}
     study_uid = session.scalar(select(Study.study_uid).where(Study.id == series.study_id))
     first = session.scalar(select(func.min(Instance.path)).where(Instance.series_id == series.id))
+    facts = None  # one header read per series, only for image models of this modality
+    if first is not None and any(
+        m.accepts.ct is None and series.modality in m.accepts.modalities for m in manifests
+    ):
+        facts = read_facts(Path(first))
     jobs = []
     for manifest in manifests:
         reason = decide(manifest, series.modality, sop_classes, set())
@@ -109,7 +123,7 @@ def route_series(
             continue
         refusal = None
         if reason is None and first is not None:
-            refusal = header_scope(manifest, Path(first), views)
+            refusal = header_scope(manifest, facts, views)
         if refusal is not None:
             reason = refusal.reason
             declined(manifest.name, refusal.kind)

@@ -151,7 +151,9 @@ def patient_age_years(ds: Dataset) -> float | None:
 def check(header: HeaderFacts, accepts: Accepts, model: str) -> Refusal | None:
     """None when the header admits the input to ``model``, else the first reason it does not.
 
-    Order: body part, anatomy words, view words, view position, age. A field that names
+    Order: body part, anatomy words, view words, view position, age. A reason quotes the
+    matched word, never the free-text field it stands in (sites put anything there). A field
+    that names
     both a refused and a confirming word (``"CHEST AND HAND"``) does not refuse; with
     ``missing_body_part = "confirm"`` an empty body part needs a confirming word.
     """
@@ -178,20 +180,14 @@ def check(header: HeaderFacts, accepts: Accepts, model: str) -> Refusal | None:
     for name, text in header.anatomy_texts:
         word = _has_word(text, spec.refuse_population_words)
         if word:
-            return Refusal(
-                "description", f"{name} '{text}' names {word}; {model} reads adults only"
-            )
+            return Refusal("description", f"{name} names {word}; {model} reads adults only")
         word = _has_word(text, spec.refuse_words)
         if word and not _has_word(text, spec.confirm_words):
-            return Refusal(
-                "description", f"{name} '{text}' names {word}, outside this model's scope"
-            )
+            return Refusal("description", f"{name} names {word}, outside this model's scope")
     for name, text in header.view_texts:
         word = _has_word(text, spec.refuse_view_words)
         if word:
-            return Refusal(
-                "view", f"{name} '{text}' names a {word} view; {model} reads frontal views only"
-            )
+            return Refusal("view", f"{name} names a {word} view; {model} reads frontal views only")
     if accepts.view_positions and header.view_position not in accepts.view_positions:
         shown = header.view_position or "(none)"
         return Refusal("view", f"view position {shown} is not one {model} reads")

@@ -36,6 +36,8 @@ from pacsnode.manifest import CtCriteria
 
 NOT_ELIGIBLE = "not eligible: "
 """How a refused series' recorded reason starts (the notice drops it)."""
+NOT_SELECTED = "eligible but not selected: "
+"""How an eligible sibling's reason starts (the worker may read it instead, for contrast)."""
 KERNEL_RANK = {"soft-tissue": 0, "unknown": 1, "lung": 2, "bone": 3}
 
 _LUNG_WORDS = ("LUNG", "PULMO", "CHEST")
@@ -223,7 +225,7 @@ def choose(
     )
     for other in ranked[1:]:
         reasons[other.series_uid] = (
-            f"eligible but not selected: series {chosen.series_uid} has "
+            f"{NOT_SELECTED}series {chosen.series_uid} has "
             f"{_why_better(chosen, other, criteria)} ({other.describe()})"
         )
     return Selection(chosen, reasons)

@@ -60,7 +60,7 @@ from pacsnode.models.base import (
     VolumeSegmenter,
     default_device,
 )
-from pacsnode.selection import NOT_ELIGIBLE
+from pacsnode.selection import NOT_ELIGIBLE, NOT_SELECTED
 from pacsnode.spool import write_durably
 from pacsnode.tables import (
     Delivery,
@@ -167,11 +167,11 @@ class Worker:
         gate_name = manifest.accepts.scope.content_gate
         if gate_name is None:
             return
-        shared = {type(g).__name__ + g.name: g for g in self.content_gates.values()}
         kind = CtGate if isinstance(model, VolumeClassifier | VolumeSegmenter) else RadiographGate
-        gate = shared.get(kind.__name__ + gate_name) or kind.load(
-            self.config.models.dir / GATES_DIR / gate_name, device
-        )
+        gate = next(  # models naming the same gate share one loaded copy
+            (g for g in self.content_gates.values() if isinstance(g, kind) and g.name == gate_name),
+            None,
+        ) or kind.load(self.config.models.dir / GATES_DIR / gate_name, device)
         self.content_gates[manifest.name] = gate
         log.info("model %s: content gate %s %s", manifest.name, gate.name, gate.version)
 
@@ -271,11 +271,12 @@ class Worker:
                 except InputError as exc:
                     self._fail(ticket, str(exc), permanent=True)
                     del inputs[ticket]
+            policy = self._policy(model.manifest)
             admitted = {
                 ticket: [
                     ds
                     for ds in datasets
-                    if _admitted(screened[ticket], ds, self._policy(model.manifest))
+                    if not _kept_out(screened[ticket].get(str(ds.SOPInstanceUID)), policy)
                 ]
                 for ticket, datasets in inputs.items()
             }
@@ -295,7 +296,7 @@ class Worker:
                 kept = self._screen_features(model.manifest, ticket_results, checks)
                 sources = [ds for ds in admitted[ticket] if str(ds.SOPInstanceUID) in kept]
                 results_kept = [r for r in ticket_results if r.sop_instance_uid in kept]
-                refused = _refusals(inputs[ticket], checks, self._policy(model.manifest))
+                refused = _refusals(inputs[ticket], checks, policy)
                 try:
                     outputs = []
                     if results_kept:
@@ -353,24 +354,26 @@ class Worker:
     def _screen_features(
         self, manifest: Manifest, results: Sequence[ImageResult], checks: dict[str, Screened]
     ) -> set[str]:
-        """Out-of-distribution score of each result's features (into ``checks``); returns
-        the SOP Instance UIDs whose results are sent."""
+        """Out-of-distribution score of each result's features (into ``checks``; an earlier
+        refusal keeps speaking); returns the SOP Instance UIDs whose results are sent."""
         stats = self.ood.get(manifest.name)
-        flag = self._policy(manifest) == "flag"
-        kept = set()
+        policy = self._policy(manifest)
         for result in results:
             uid = result.sop_instance_uid
+            if stats is None or result.features is None:
+                continue
             prior = checks.get(uid, Screened())
-            if stats is not None and result.features is not None:
-                distance = float(stats.distances(result.features)[0])
-                verdict = stats.verdict(distance, "image")
-                judged = self._judged(manifest, "ood", verdict)
-                scores = {**(prior.scores or {}), **(judged.scores or {})}
-                prior = prior if prior.reason else judged
-                checks[uid] = Screened(prior.gate, prior.reason, scores)
-            if checks.get(uid, Screened()).reason is None or flag:
-                kept.add(uid)
-        return kept
+            verdict = stats.verdict(float(stats.distances(result.features)[0]), "image")
+            judged = self._judged(manifest, "ood", verdict)
+            first = prior if prior.reason else judged
+            checks[uid] = Screened(
+                first.gate, first.reason, {**(prior.scores or {}), **verdict.scores}
+            )
+        return {
+            r.sop_instance_uid
+            for r in results
+            if not _kept_out(checks.get(r.sop_instance_uid), policy)
+        }
 
     def _run_volume(self, model: VolumeClassifier | VolumeSegmenter, ticket: Ticket) -> None:
         """One CT series: assemble the volume, gate it, run the model, write its outputs."""
@@ -466,7 +469,7 @@ class Worker:
                     Study.study_uid == ticket.study_uid,
                     Series.series_uid != ticket.series_uid,
                     RoutingDecision.model_name == manifest.name,
-                    RoutingDecision.reason.startswith("eligible but not selected"),
+                    RoutingDecision.reason.startswith(NOT_SELECTED),
                 )
                 .order_by(Series.id)
             ).all()
@@ -704,23 +707,20 @@ def _input_check(check: Screened | None) -> InputCheck | None:
     return InputCheck(scores.get("ood_distance"), scores.get("ood_threshold"), check.reason)
 
 
-def _admitted(checks: dict[str, Screened], ds: Dataset, policy: str) -> bool:
-    """Whether the model reads ``ds``: it passed the header and content gates (a failed
-    pixel gate still reads with ``policy`` "flag"; a header refusal never does)."""
-    check = checks.get(str(ds.SOPInstanceUID))
+def _kept_out(check: Screened | None, policy: str) -> bool:
+    """Whether a gate keeps the input from the model: it failed one, and either the gate
+    read the header (always final) or ``policy`` is "decline"."""
     if check is None or check.reason is None:
-        return True
-    return policy == "flag" and check.gate in PIXEL_GATES
+        return False
+    return not (policy == "flag" and check.gate in PIXEL_GATES)
 
 
 def _refusals(datasets: Sequence[Dataset], checks: dict[str, Screened], policy: str) -> str:
     """One sentence for the images kept from the model ("" when none was), for the notice."""
     refused = [
-        (ds, checks[str(ds.SOPInstanceUID)])
+        (ds, check)
         for ds in datasets
-        if str(ds.SOPInstanceUID) in checks
-        and checks[str(ds.SOPInstanceUID)].reason is not None
-        and not (policy == "flag" and checks[str(ds.SOPInstanceUID)].gate in PIXEL_GATES)
+        if _kept_out(check := checks.get(str(ds.SOPInstanceUID)), policy) and check is not None
     ]
     if not refused:
         return ""

@@ -32,6 +32,7 @@ ARTIFACTS = REPO / "var" / "test-artifacts" / "gates"
 SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33"}
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 LYING = {"BodyPartExamined": "CHEST", "ViewPosition": "PA", "StudyDescription": "CHEST PA"}
+LYING_PHANTOM = {"body_part": "CHEST", "view_position": "PA", "description": "Chest PA"}
 GENERATED = ("lower_leg_ap", "hand_pa", "cspine_ap", "skull_pa", "lateral_chest", "knee_ap")
 
 
@@ -72,7 +73,7 @@ def _send_all(root: Path, orthanc: Orthanc):  # type: ignore[no-untyped-def]
         "real chest RG1, true header": _fresh(dcmread(get_testdata_file("RG1_UNCR.dcm"))),
     }
     for i, kind in enumerate(GENERATED):
-        ds = make_radiograph_dataset(kind, 500 + i, size=768, **_lying_kwargs())
+        ds = make_radiograph_dataset(kind, 500 + i, size=768, **LYING_PHANTOM)
         cases[f"generated {kind}, header lies (CHEST PA)"] = _fresh(ds, **LYING)
     paths = []
     for i, ds in enumerate(cases.values()):
@@ -91,10 +92,6 @@ def _send_all(root: Path, orthanc: Orthanc):  # type: ignore[no-untyped-def]
     node.wait_until(finished, timeout=300, what="every job finished")
     yield node, orthanc, cases
     node.stop()
-
-
-def _lying_kwargs() -> dict[str, str]:
-    return {"body_part": "CHEST", "view_position": "PA", "description": "Chest PA"}
 
 
 def _study_objects(orthanc: Orthanc, study_uid: str) -> list[Dataset]:

@@ -18,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pacsnode.manifest import verified_file
+from pydantic import BaseModel, ConfigDict
+
+from pacsnode.manifest import WeightsSpec, load_toml, verified_file
 
 GATE_FILE = "gate.toml"
 """Each gate folder's description: name, version, kind, classes, input, weights + sha256."""
@@ -47,3 +49,21 @@ def verified_gate_weights(gate_dir: Path, name: str, file: str, sha256: str) -> 
         str(gate_dir / GATE_FILE),
         "retrain the gate or fix gate.toml",
     )
+
+
+class GateHeader(BaseModel):
+    """What every ``gate.toml`` says whatever its kind (for listings): each gate module
+    validates its whole file with its own spec."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str
+    version: str
+    kind: str
+    synthetic: bool
+    weights: WeightsSpec
+
+
+def gate_header(gate_dir: Path) -> GateHeader:
+    """The common part of ``gate_dir/gate.toml``; :class:`ManifestError` names the file."""
+    return load_toml(gate_dir / GATE_FILE, GateHeader, GATE_FILE)

@@ -39,7 +39,6 @@ def write_cxr(folder: Path, seed_base: int, n: int) -> None:
     for i in range(n):
         kw = random_dicom_kwargs(np.random.default_rng([seed_base, i, 7]), (256, 320, 384, 512))
         ds, _ = make_cxr_dataset(case_seed(seed_base, i), **kw)  # type: ignore[arg-type]
-        ds.PatientAge = "050Y"
         ds.save_as(folder / f"{i:05d}.dcm", enforce_file_format=True)
 
 

@@ -34,12 +34,12 @@ from pacsnode.manifest import Manifest
 from pacsnode.writers.heatmap import burn_in, patient_orientation
 from pacsnode.writers.sr import (
     DEMO_DISCLAIMER,
-    ENGLISH,
     LONG_STRING_MAX,
     check_sources,
-    device_observer_context,
+    container,
     document_character_set,
     document_provenance,
+    report_document,
     result_uids,
 )
 
@@ -71,54 +71,29 @@ def build_notice_report(
     sources: Sequence[Dataset], manifest: Manifest, reason: str, *, now: datetime | None = None
 ) -> hd.sr.EnhancedSR:
     """The "not analysed" SR of the series ``sources`` (headers suffice) for ``manifest``."""
-    first = check_sources(sources, "SR")
-    now = datetime.now() if now is None else now
+    check_sources(sources, "SR")
     text = notice_text(manifest, reason)
-    evaluations = hd.sr.ContainerContentItem(
-        name=QUALITATIVE_EVALUATIONS,
+    evaluations = container(
+        QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-        is_content_continuous=False,
-    )
-    evaluations.ContentSequence = hd.sr.ContentSequence(
-        [
+        items=[
             hd.sr.TextContentItem(
                 name=codes.DCM.Comment,
                 value=text,
                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
             )
-        ]
+        ],
     )
-    report = hd.sr.ContainerContentItem(
-        name=codes.cid7021.ImagingMeasurementReport,
-        template_id="1500",
-        is_content_continuous=False,
-    )
-    report.ContentSequence = hd.sr.ContentSequence(
-        [
-            *hd.sr.LanguageOfContentItemAndDescendants(ENGLISH),
-            *hd.sr.ObservationContext(observer_device_context=device_observer_context(manifest)),
-            hd.sr.CodeContentItem(
-                name=codes.DCM.ProcedureReported,
-                value=IMAGING,
-                relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
-            ),
-            evaluations,
-        ]
-    )
-    series_uid, sop_uid = result_uids(str(first.SeriesInstanceUID), manifest, "notice")
-    return hd.sr.EnhancedSR(
-        evidence=list(sources),
-        content=hd.sr.ContentSequence([report], is_root=True),
-        series_instance_uid=series_uid,
+    return report_document(
+        sources,
+        [evaluations],
+        manifest,
+        procedure_reported=IMAGING,
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=sop_uid,
-        instance_number=1,
-        **document_provenance(manifest, now),
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        series_description=notice_series_description(manifest),
-        specific_character_set=document_character_set(first, manifest, [text, IMAGING.meaning]),
+        now=now,
+        kind="notice",
+        description=notice_series_description(manifest),
+        texts=[text],
     )
 
 

@@ -1013,7 +1013,7 @@ def _segment_group(
         finding_sites=[hd.sr.FindingSite(region.to_code())] if region is not None else None,
         measurements=values,
     )
-    return _container(
+    return container(
         codes.DCM.MeasurementGroup,
         template_id="1411",
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
@@ -1034,9 +1034,45 @@ def _enhanced_sr(
 ) -> hd.sr.EnhancedSR:
     """The TID 1500 document around ``groups``; ``codes_used``: codes beyond the manifest's;
     ``evidence``: instances referenced besides ``sources`` (a SEG)."""
+    measurements = container(
+        codes.DCM.ImagingMeasurements,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        items=groups,
+    )
+    labels = [label.code.to_code() for label in manifest.reported_labels if label.code]
+    return report_document(
+        sources,
+        [measurements],
+        manifest,
+        procedure_reported=procedure_reported,
+        series_number=series_number,
+        now=now,
+        codes_used=[*codes_used, *labels],
+        evidence=evidence,
+    )
+
+
+def report_document(
+    sources: Sequence[Dataset],
+    body: Sequence[Dataset],
+    manifest: Manifest,
+    *,
+    procedure_reported: Code,
+    series_number: int,
+    now: datetime | None,
+    codes_used: Iterable[Code] = (),
+    evidence: Sequence[Dataset] = (),
+    kind: str = "sr",
+    description: str | None = None,
+    texts: Sequence[str] = (),
+) -> hd.sr.EnhancedSR:
+    """An Enhanced SR whose root is TID 1500 "Imaging Measurement Report": language, the
+    model as device observer, Procedure Reported, then ``body`` (Imaging Measurements, or a
+    notice's Qualitative Evaluations). ``kind`` picks the UIDs (:func:`result_uids`);
+    ``codes_used`` and ``texts``: our own codes and strings, for the character set."""
     first = sources[0]
     now = datetime.now() if now is None else now
-    report = _container(
+    report = container(
         codes.cid7021.ImagingMeasurementReport,
         template_id="1500",
         items=[
@@ -1047,16 +1083,11 @@ def _enhanced_sr(
                 value=procedure_reported,
                 relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
             ),
-            _container(
-                codes.DCM.ImagingMeasurements,
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-                items=groups,
-            ),
+            *body,
         ],
     )
     used = [*codes_used, procedure_reported]
-    used += [label.code.to_code() for label in manifest.reported_labels if label.code]
-    sr_series_uid, sr_instance_uid = result_uids(str(first.SeriesInstanceUID), manifest)
+    sr_series_uid, sr_instance_uid = result_uids(str(first.SeriesInstanceUID), manifest, kind)
     return hd.sr.EnhancedSR(
         evidence=[*sources, *evidence],
         content=hd.sr.ContentSequence([report], is_root=True),
@@ -1068,8 +1099,10 @@ def _enhanced_sr(
         is_complete=True,
         is_final=False,
         is_verified=False,
-        series_description=series_description(manifest),
-        specific_character_set=document_character_set(first, manifest, [c.meaning for c in used]),
+        series_description=description or series_description(manifest),
+        specific_character_set=document_character_set(
+            first, manifest, [*(c.meaning for c in used), *texts]
+        ),
         coding_schemes=_coding_schemes(used),
     )
 
@@ -1240,7 +1273,7 @@ def _label_group(
 ) -> hd.sr.ContainerContentItem:
     """TID 1501, items in the order highdicom's template uses."""
     tracking = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=identifier)
-    return _container(
+    return container(
         codes.DCM.MeasurementGroup,
         template_id="1501",
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
@@ -1397,7 +1430,7 @@ def _source_for_measurement(scored: ScoredSlice) -> hd.sr.SourceImageForMeasurem
     return hd.sr.SourceImageForMeasurement.from_source_image(scored.source, scored.frames)
 
 
-def _container(
+def container(
     name: Code,
     *,
     items: Sequence[Dataset],
