@@ -215,6 +215,8 @@ def _select_in_study(
         # worker corrects the choice when the pixels disagree)
         criteria = criteria.model_copy(update={"require_contrast": False})
     choice = selection.choose(list(summaries.values()), criteria, in_scope)
+    if (own := refusals.get(series.series_uid)) is not None:
+        declined(manifest.name, own.kind)  # counted once, when the series itself completes
     jobs = []
     for s in complete:
         reason = choice.reasons.get(summaries[s.id].series_uid, "not considered")
@@ -255,8 +257,6 @@ def _select_in_study(
             now,
             study_uid=study_uid,
         )
-        for refusal in refusals.values():
-            declined(manifest.name, refusal.kind)
         notice_on = _notice_series(complete, summaries, refusals)
         if notices and notice_on is not None:
             jobs.append(queue.enqueue(session, notice_on.id, manifest.name, manifest.version, now))
